@@ -1,0 +1,29 @@
+"""d2prune: one-shot post-training pruning of Hugging Face causal LMs.
+
+    import d2prune
+    report = d2prune.prune(model, calibration_ids, d2prune.PruneConfig(method="d2prune", sparsity=0.5))
+"""
+
+from .config import LinearReport, PruneConfig, PruneReport
+from .errors import UserError
+from .methods import METHODS, D2PruneConfig, MagnitudeConfig, MethodConfig, SparseGPTConfig, WandaConfig
+from .patterns import Pattern, SparsityTarget
+from .pipeline import prune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune",
+    "PruneConfig",
+    "PruneReport",
+    "LinearReport",
+    "UserError",
+    "METHODS",
+    "MethodConfig",
+    "D2PruneConfig",
+    "MagnitudeConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "Pattern",
+    "SparsityTarget",
+]

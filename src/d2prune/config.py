@@ -1,0 +1,107 @@
+"""The run-level pruning config and the report the pipeline returns; both serialize to JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import UserError
+from .methods import MethodConfig, method_config
+from .patterns import Pattern, SparsityTarget
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. ``method`` is a registry name or a method config dataclass.
+
+    For N:M patterns the sparsity is N/M and ``sparsity`` is ignored. ``layer_sparsities`` gives
+    one sparsity per decoder layer (unstructured only) and overrides ``sparsity``.
+    """
+
+    method: str | MethodConfig = "d2prune"
+    sparsity: float = 0.5
+    pattern: str | Pattern = "unstructured"
+    layer_sparsities: list[float] | None = None
+    device: str = "cpu"
+    batch_size: int = 1
+    measure_error: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.method = method_config(self.method)
+        self.pattern = Pattern.parse(self.pattern)
+        for p in [self.sparsity, *(self.layer_sparsities or [])]:
+            if not 0 <= p < 1:
+                raise UserError(f"sparsity must be in [0, 1), got {p}")
+        if self.layer_sparsities is not None and self.pattern.is_nm:
+            raise UserError("per-layer sparsities apply to unstructured pruning only, not to N:M")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+
+    def target(self, layer_index: int, num_layers: int) -> SparsityTarget:
+        if self.pattern.is_nm:
+            return SparsityTarget(self.pattern.sparsity, self.pattern)
+        if self.layer_sparsities is not None:
+            if len(self.layer_sparsities) != num_layers:
+                raise UserError(
+                    f"{len(self.layer_sparsities)} per-layer sparsities given for {num_layers} decoder layers"
+                )
+            return SparsityTarget(self.layer_sparsities[layer_index], self.pattern)
+        return SparsityTarget(self.sparsity, self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.to_dict(),
+            "sparsity": self.pattern.sparsity if self.pattern.is_nm else self.sparsity,
+            "pattern": str(self.pattern),
+            "layer_sparsities": self.layer_sparsities,
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "measure_error": self.measure_error,
+        }
+
+
+@dataclass
+class LinearReport:
+    """One pruned linear: its full module path, achieved vs target sparsity and error."""
+
+    name: str
+    layer: int
+    target_sparsity: float
+    sparsity: float
+    relative_error: float | None
+    nm_violations: int | None
+    weight_update: bool
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    config: dict[str, Any]
+    linears: list[LinearReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    nsamples: int = 0
+    seqlen: int = 0
+    zeros: int = 0
+    weights: int = 0
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Fraction of zeros over all pruned linears, weighted by size."""
+        return self.zeros / max(self.weights, 1)
+
+    @property
+    def nm_ok(self) -> bool | None:
+        checks = [lin.nm_violations for lin in self.linears if lin.nm_violations is not None]
+        return None if not checks else all(v == 0 for v in checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "overall_sparsity": self.overall_sparsity,
+            "nm_structure_ok": self.nm_ok,
+            "timings": self.timings,
+            "linears": [asdict(lin) for lin in self.linears],
+        }

@@ -1,0 +1,140 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023): OBS mask + weight update per 128-column block (spec §2).
+
+The solver takes an optional block score so D²Prune's update branch can reuse it with its own mask
+score; the OBS update itself is the same for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..patterns import SparsityTarget, lowest_k_mask, nm_mask
+from .base import Gram, LinearPruner, MethodConfig, register
+
+log = logging.getLogger(__name__)
+
+# score(W1, d, cols) -> scores of the block W1 (rows × len(cols)); d = diag of U on those columns.
+BlockScore = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+CHOLESKY_RETRIES = 3
+
+
+def obs_score(w1: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
+    """SparseGPT's saliency w²/[U_jj]² (U the upper Cholesky factor of H⁻¹)."""
+    return w1.pow(2) / d.pow(2).unsqueeze(0)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor U of the damped H⁻¹ (H⁻¹ = UᵀU), retrying with 10× damping."""
+    mean_diag = torch.mean(torch.diag(hessian))
+    damp = percdamp
+    for attempt in range(CHOLESKY_RETRIES + 1):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                return upper
+        if attempt < CHOLESKY_RETRIES:
+            log.warning("%s: Cholesky failed with damping %.3g; retrying with %.3g", name, damp, damp * 10)
+            damp *= 10
+    raise UserError(
+        f"{name}: the Hessian is not positive definite even with damping {damp:g}; "
+        "use more calibration samples or a larger --percdamp"
+    )
+
+
+def sparsegpt_solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: SparsityTarget,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    score: BlockScore = obs_score,
+    name: str = "linear",
+) -> torch.Tensor:
+    """Prune ``weight`` (rows × cols) with the OBS update; returns a new float32 tensor.
+
+    Unstructured: per block, exactly ⌊p·rows·B⌋ lowest-score entries are pruned (the upstream
+    ``<= threshold`` prunes one more; we don't copy that). N:M: at each group start the ``n``
+    lowest scores per row among the group's *current* (already updated) weights are pruned.
+    """
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    rows, cols = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    u = inverse_hessian_factor(h, percdamp, name)
+    del h
+
+    pattern = target.pattern
+    if pattern.is_nm:
+        # Groups must not straddle blocks, so the block is a multiple of M.
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        d1 = torch.diag(u1)
+
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        else:
+            block_score = score(w1, d1, slice(i1, i2)).reshape(1, -1)
+            k = target.prune_count(block_score.numel())
+            mask1 = lowest_k_mask(block_score, k).reshape(rows, count)
+
+        for i in range(count):
+            if pattern.is_nm and i % pattern.m == 0:
+                m = pattern.m
+                group_score = score(w1[:, i : i + m], d1[i : i + m], slice(i1 + i, i1 + i + m))
+                mask1[:, i : i + m] = nm_mask(group_score, pattern.n, m)
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            q1[:, i] = q
+            err = (col - q) / d1[i]
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+
+        w[:, i1:i2] = q1
+        # Lazy batch update: later blocks get this block's error in one matmul.
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w
+
+
+class SparseGPTPruner(LinearPruner):
+    needs_gram = True
+    updates_weights = True
+
+    def __init__(self, name: str, weight: torch.Tensor, config: "SparseGPTConfig"):
+        super().__init__(name, weight)
+        self.config = config
+
+    def prune(self, weight: torch.Tensor, target: SparsityTarget, gram: Gram | None) -> torch.Tensor:
+        assert gram is not None
+        return sparsegpt_solve(
+            weight, gram.hessian(), target, self.config.percdamp, self.config.blocksize, name=self.name
+        )
+
+
+@register
+@dataclass
+class SparseGPTConfig(MethodConfig):
+    name = "sparsegpt"
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def make_pruner(self, name: str, weight: torch.Tensor) -> LinearPruner:
+        return SparseGPTPruner(name, weight, self)

@@ -1,0 +1,314 @@
+"""Layer-by-layer pruning of any decoder-only causal LM (spec §1.9 step 4).
+
+For each decoder layer: run the dense layer over all calibration windows with hooks on its linears
+(statistics), prune every linear, run the pruned layer again to make the next layer's inputs. Only
+the current layer and the activations need to be on the compute device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .architecture import DecoderStack, find_decoder_stack, find_linears
+from .config import LinearReport, PruneConfig, PruneReport
+from .errors import UserError
+from .methods import Gram, LinearPruner
+from .patterns import nm_violations
+
+# Keyword arguments a decoder layer may get for a KV cache; layer-wise calibration runs without one.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class _Stop(Exception):
+    """Raised by the catcher once the first decoder layer's inputs are stored."""
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0: stores its inputs and stops the forward pass."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.calls.append((hidden, rest, kwargs))
+        raise _Stop
+
+    def __getattr__(self, name: str) -> Any:
+        # Models read attributes of their layers (e.g. ``attention_type``): answer as the layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b.to(a.device)))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b if type(a) is type(b) else False
+
+
+def _move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.device | None) -> dict:
+    """Move every parameter and buffer outside the decoder stack to ``device``.
+
+    Returns their previous devices so ``_restore_outside_stack`` can put them back.
+    """
+    prefix = stack.path + "."
+    previous: dict[int, tuple[torch.Tensor, torch.device]] = {}
+    for path, module in model.named_modules():
+        if path == stack.path or path.startswith(prefix):
+            continue
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is None or id(tensor) in previous:
+                    continue
+                previous[id(tensor)] = (tensor, tensor.device)
+                if device is not None:
+                    tensor.data = tensor.data.to(device)
+    return previous
+
+
+def _restore_outside_stack(previous: dict) -> None:
+    for tensor, device in previous.values():
+        tensor.data = tensor.data.to(device)
+
+
+def _calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Normalize the calibration data to a list of model-input dicts with ``input_ids``."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise UserError(f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}")
+        return [{"input_ids": chunk} for chunk in calibration.split(batch_size)]
+    batches = []
+    for item in calibration if isinstance(calibration, Iterable) else [calibration]:
+        if isinstance(item, torch.Tensor):
+            item = {"input_ids": item if item.dim() == 2 else item.unsqueeze(0)}
+        elif not (isinstance(item, dict) and "input_ids" in item):
+            raise UserError("calibration batches must be token-id tensors or dicts with 'input_ids'")
+        batches.append(dict(item))
+    if not batches:
+        raise UserError("no calibration data given")
+    return batches
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """Run the model up to decoder layer 0 for every batch.
+
+    Returns the hidden states (windows, tokens, hidden) in the model dtype, and per batch the other
+    positional and keyword arguments the layer receives (masks, positions, rotary embeddings).
+    """
+    catcher = _Catcher(stack.layers[0])
+    stack.layers[0] = catcher
+    previous = _move_outside_stack(model, stack, device)
+    hidden_list: list[torch.Tensor] = []
+    extras: list[tuple[tuple, dict]] = []
+    try:
+        for batch in batches:
+            try:
+                model(**_to_device(batch, device), use_cache=False)
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer 0")
+            hidden, rest, kwargs = catcher.calls.pop()
+            for key in _CACHE_KWARGS:
+                if key in kwargs:
+                    kwargs[key] = None
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            extra = (rest, kwargs)
+            # Equal extras (the usual case: same window length) are stored once.
+            if extras and _same(extras[-1], extra):
+                extra = extras[-1]
+            hidden_list.append(hidden)
+            extras.append(extra)
+    finally:
+        stack.layers[0] = catcher.layer
+        _restore_outside_stack(previous)
+    return torch.cat(hidden_list), extras
+
+
+class _LayerStats:
+    """Forward hooks feeding each linear's pruner, plus one Gram per distinct linear input."""
+
+    def __init__(self, linears: dict[str, nn.Linear], pruners: dict[str, LinearPruner], gram_names: set[str]):
+        self.pruners = pruners
+        self.gram_names = gram_names
+        self.grams: dict[str, Gram] = {}
+        self._seen: dict[int, tuple[torch.Tensor, Gram]] = {}
+        self._added: dict[int, torch.Tensor] = {}
+        self.handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            self.pruners[name].observe(x, output)
+            if name not in self.gram_names:
+                return
+            gram = self.grams.get(name)
+            if gram is None:
+                # Linears that read the very same tensor (q/k/v, gate/up) share one Gram.
+                seen = self._seen.get(id(x))
+                gram = seen[1] if seen is not None and seen[0] is x else Gram(x.shape[-1], x.device)
+                self.grams[name] = gram
+            # Holding x keeps its id from being reused by another tensor within this batch.
+            if self._added.get(id(gram)) is not x:
+                gram.add(x)
+                self._added[id(gram)] = x
+            self._seen[id(x)] = (x, gram)
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+        self._added.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
+    """‖WX − ŴX‖² / ‖WX‖² over the calibration inputs, from the Gram: tr(ΔW S ΔWᵀ)/tr(W S Wᵀ)."""
+    delta = old - new
+    num = ((delta @ gram.sum) * delta).sum()
+    den = ((old @ gram.sum) * old).sum()
+    return float(num / den) if den > 0 else 0.0
+
+
+@torch.no_grad()
+def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None) -> PruneReport:
+    """Prune ``model`` in place, layer by layer, with ``calibration`` token ids; returns a report.
+
+    ``calibration``: a LongTensor (windows, tokens), or an iterable of such batches or of dicts with
+    ``input_ids`` (and optionally ``attention_mask``).
+    """
+    config = config or PruneConfig()
+    t_start = time.perf_counter()
+    device = torch.device(config.device)
+    model_info = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
+    method = config.method.resolve(model_info)
+    stack = find_decoder_stack(model)
+    layers = stack.layers
+    num_layers = len(layers)
+
+    names = list(find_linears(layers[0]))
+    method.validate(names, stack.layer_class)
+    for name, lin in find_linears(layers[0]).items():
+        config.pattern.check_width(lin.in_features, f"{stack.layer_class}.{name}")
+
+    was_training = model.training
+    model.eval()
+    batches = _calibration_batches(calibration, config.batch_size)
+    report = PruneReport(config={**config.to_dict(), "method": method.to_dict()})
+    timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
+
+    t0 = time.perf_counter()
+    inps, extras = capture_layer_inputs(model, stack, batches, device)
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    timings["capture"] = time.perf_counter() - t0
+    report.nsamples, report.seqlen = inps.shape[0], inps.shape[1]
+    outs = torch.empty_like(inps)
+
+    try:
+        for index in tqdm(range(num_layers), desc="pruning layers", disable=not config.progress):
+            layer = layers[index]
+            home = next(layer.parameters()).device
+            layer.to(device)
+            target = config.target(index, num_layers)
+            linears = find_linears(layer)
+            pruners = {name: method.make_pruner(name, lin.weight) for name, lin in linears.items()}
+            gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
+
+            t0 = time.perf_counter()
+            stats = _LayerStats(linears, pruners, gram_names)
+            try:
+                _forward(layer, inps, extras, sizes, None, stats)
+            finally:
+                stats.remove()
+            timings["statistics"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            for name, lin in linears.items():
+                t_lin = time.perf_counter()
+                old = lin.weight.data.float().clone() if config.measure_error else None
+                new = pruners[name].prune(lin.weight.data, target, stats.grams.get(name))
+                lin.weight.data.copy_(new.to(lin.weight.dtype))
+                zeros = int((lin.weight.data == 0).sum())
+                report.zeros += zeros
+                report.weights += lin.weight.numel()
+                error = _relative_error(old, lin.weight.data.float(), stats.grams[name]) if config.measure_error else None
+                nm = target.pattern
+                report.linears.append(
+                    LinearReport(
+                        name=f"{stack.path}.{index}.{name}",
+                        layer=index,
+                        target_sparsity=target.sparsity,
+                        sparsity=zeros / lin.weight.numel(),
+                        relative_error=error,
+                        nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
+                        weight_update=pruners[name].updates_weights,
+                        seconds=time.perf_counter() - t_lin,
+                    )
+                )
+            del stats, pruners
+            timings["prune"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            _forward(layer, inps, extras, sizes, outs, None)
+            timings["pruned_forward"] += time.perf_counter() - t0
+            layer.to(home)
+            inps, outs = outs, inps
+    finally:
+        if was_training:
+            model.train()
+    timings["total"] = time.perf_counter() - t_start
+    report.timings = timings
+    return report
+
+
+def _forward(layer: nn.Module, inps: torch.Tensor, extras: list, sizes: list[int], outs, stats) -> None:
+    start = 0
+    for size, (rest, kwargs) in zip(sizes, extras):
+        out = layer(inps[start : start + size], *rest, **kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if outs is not None:
+            outs[start : start + size] = out
+        if stats is not None:
+            stats.end_batch()
+        start += size

@@ -1,0 +1,160 @@
+import logging
+
+import pytest
+import torch
+
+from d2prune.errors import UserError
+from d2prune.methods import Gram, SparseGPTConfig
+from d2prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_solve
+from d2prune.patterns import Pattern, SparsityTarget
+
+
+def _problem(rows=4, cols=12, tokens=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64)
+    h = 2 * x.t() @ x / tokens
+    return w, h
+
+
+def _damped(h, percdamp):
+    return h + percdamp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+def _sequential_ls_reference(w, h, mask):
+    """Brute force: prune columns left to right; at each pruned column solve the exact least squares
+    min ‖w' − w‖²_H with earlier columns fixed, the pruned entry 0 and all later columns free."""
+    w = w.clone()
+    cols = w.shape[1]
+    for q in range(cols):
+        for r in torch.nonzero(mask[:, q]).flatten().tolist():
+            free = list(range(q + 1, cols))
+            wq = w[r, q].item()
+            if free:
+                delta = torch.linalg.solve(h[free][:, free], h[free, q] * wq)
+                w[r, free] += delta
+            w[r, q] = 0.0
+    return w
+
+
+def test_removing_one_weight_is_the_exact_least_squares_optimum():
+    w, h = _problem(rows=1, cols=10)
+    q = 3
+    fixed = torch.full((1, 10), 5.0, dtype=torch.float64)
+    fixed[0, q] = -1.0
+    out = sparsegpt_solve(
+        w, h, SparsityTarget(1.5 / 10), percdamp=0.01, blocksize=10, score=lambda w1, d, cols: fixed[:, cols]
+    ).double()
+    hd = _damped(h, 0.01)
+    # Closed form: columns < q fixed, w_q = 0, free columns move by H_FF⁻¹ H_Fq w_q.
+    free = list(range(q + 1, 10))
+    expected = w.clone()
+    expected[0, free] += torch.linalg.solve(hd[free][:, free], hd[free, q] * w[0, q])
+    expected[0, q] = 0
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # The optimum beats any other correction of the free columns (perturbation check).
+    err = lambda v: float((v - w) @ hd @ (v - w).t())
+    bumped = out.clone()
+    bumped[0, free[0]] += 1e-2
+    assert err(out) < err(bumped)
+
+
+@pytest.mark.parametrize("blocksize", [3, 4, 6, 128])
+def test_obs_updates_match_sequential_least_squares_across_blocks(blocksize):
+    w, h = _problem(rows=3, cols=12)
+    width = min(blocksize, 12)
+    score = torch.rand(3, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 1
+    # One forced entry per row in each block, so the block-global threshold takes exactly those.
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    for b0 in range(0, 12, width):
+        for r in range(3):
+            mask[r, b0 + (2 * r + b0) % width] = True
+    score[mask] = -1
+    p = 3.5 / (3 * width)  # floor(p·rows·B) = 3 in every block
+    out = sparsegpt_solve(w, h, SparsityTarget(p), 0.01, blocksize, score=lambda w1, d, cols: score[:, cols]).double()
+    assert torch.equal(out == 0, mask)
+    expected = _sequential_ls_reference(w, _damped(h, 0.01), mask)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lazy_block_updates_do_not_change_nm_result():
+    w, h = _problem(rows=5, cols=32)
+    fixed = torch.rand(5, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target = SparsityTarget(0.5, Pattern(2, 4))
+    results = [
+        sparsegpt_solve(w, h, target, 0.01, bs, score=lambda w1, d, cols: fixed[:, cols]) for bs in (4, 8, 128)
+    ]
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=1e-4, atol=1e-5)
+    mask = torch.zeros(5, 32, dtype=torch.bool)
+    groups = fixed.reshape(5, 8, 4)
+    mask.reshape(5, 8, 4).scatter_(-1, torch.argsort(groups, dim=-1)[..., :2], True)
+    expected = _sequential_ls_reference(w, _damped(h, 0.01), mask)
+    torch.testing.assert_close(results[0].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_keeping_all_weights_changes_nothing():
+    w, h = _problem()
+    w = w.float()
+    out = sparsegpt_solve(w, h.float(), SparsityTarget(0.0))
+    assert torch.equal(out, w)
+
+
+def test_unstructured_prunes_exact_count_per_block():
+    w, h = _problem(rows=6, cols=40)
+    out = sparsegpt_solve(w.float(), h.float(), SparsityTarget(0.55), blocksize=16)
+    for b0 in range(0, 40, 16):
+        block = out[:, b0 : b0 + 16]
+        assert int((block == 0).sum()) == int(0.55 * block.numel())
+
+
+def test_nm_exact_groups_and_default_score():
+    w, h = _problem(rows=6, cols=32)
+    out = sparsegpt_solve(w.float(), h.float(), SparsityTarget(0.75, Pattern(3, 4)))
+    assert ((out.reshape(6, 8, 4) == 0).sum(-1) == 3).all()
+
+
+def test_dead_inputs_are_zeroed_and_finite():
+    w, h = _problem(rows=3, cols=8)
+    h[2, :] = 0
+    h[:, 2] = 0
+    out = sparsegpt_solve(w.float(), h.float(), SparsityTarget(0.25))
+    assert torch.isfinite(out).all() and (out[:, 2] == 0).all()
+
+
+def test_inverse_hessian_factor_is_upper_cholesky_of_damped_inverse():
+    _, h = _problem(cols=9)
+    u = inverse_hessian_factor(h, 0.01, "fc")
+    assert torch.equal(u, torch.triu(u))
+    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(_damped(h, 0.01)), rtol=1e-6, atol=1e-8)
+
+
+def test_cholesky_failure_retries_with_more_damping(caplog):
+    # Mean diagonal 1 with one eigenvalue -0.05: 1% damping fails, 10% succeeds.
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    eig = torch.tensor([-0.05, 1.0, 1.2, 1.0, 1.5, 1.35], dtype=torch.float64)
+    h = q @ torch.diag(eig) @ q.t()
+    with caplog.at_level(logging.WARNING):
+        u = inverse_hessian_factor(h, 0.01, "layers.3.mlp.up_proj")
+    assert torch.isfinite(u).all()
+    assert any("layers.3.mlp.up_proj" in r.message and "retrying" in r.message for r in caplog.records)
+
+
+def test_cholesky_failure_after_retries_names_the_layer():
+    with pytest.raises(UserError, match="layers.7.self_attn.q_proj"):
+        inverse_hessian_factor(-torch.eye(4, dtype=torch.float64), 0.01, "layers.7.self_attn.q_proj")
+
+
+def test_pruner_uses_gram_hessian():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 8, generator=g)
+    xs = [torch.randn(2, 6, 8, generator=g) for _ in range(3)]
+    gram = Gram(8, "cpu")
+    for x in xs:
+        gram.add(x)
+    assert gram.nsamples == 6
+    flat = torch.cat(xs).reshape(-1, 8)
+    torch.testing.assert_close(gram.hessian(), 2 / 6 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
+    pruner = SparseGPTConfig().make_pruner("fc", w)
+    out = pruner.prune(w, SparsityTarget(0.5), gram)
+    torch.testing.assert_close(out, sparsegpt_solve(w, gram.hessian(), SparsityTarget(0.5)))
