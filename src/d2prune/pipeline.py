@@ -109,16 +109,23 @@ def _calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, to
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2:
             raise UserError(f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}")
-        return [{"input_ids": chunk} for chunk in calibration.split(batch_size)]
+        calibration = [] if calibration.numel() == 0 else calibration.split(batch_size)
     batches = []
     for item in calibration if isinstance(calibration, Iterable) else [calibration]:
         if isinstance(item, torch.Tensor):
             item = {"input_ids": item if item.dim() == 2 else item.unsqueeze(0)}
         elif not (isinstance(item, dict) and "input_ids" in item):
             raise UserError("calibration batches must be token-id tensors or dicts with 'input_ids'")
+        ids = item["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise UserError(f"calibration input_ids must be non-empty 2-D (windows, tokens) tensors, got {shape}")
         batches.append(dict(item))
     if not batches:
         raise UserError("no calibration data given")
+    lengths = sorted({b["input_ids"].shape[1] for b in batches})
+    if len(lengths) > 1:
+        raise UserError(f"all calibration windows must have the same number of tokens, got lengths {lengths}")
     return batches
 
 

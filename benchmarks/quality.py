@@ -1,0 +1,161 @@
+"""Quality benchmark: WikiText-2 perplexity of each method and sparsity on SmolLM2-135M.
+
+Quick protocol: calibration 32 windows × 512 tokens from the shared C4 sample (seed 0); evaluation
+on the first 64 WikiText-2 test windows of 512 tokens. Every run is a separate ``d2prune`` process,
+so its wall time and peak RSS are its own. Results accumulate in
+``benchmarks/results/quality_smollm2.json`` (runs already there with the same command are skipped;
+``--force`` reruns them) and the table in ``benchmarks/README.md`` is regenerated from that file.
+
+    .venv/bin/python benchmarks/quality.py                       # everything
+    .venv/bin/python benchmarks/quality.py --methods wanda --settings 0.5 2:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quality_smollm2.json"
+README = ROOT / "benchmarks" / "README.md"
+RUNS = ROOT / "runs" / "quality"
+MARK_BEGIN = "<!-- quality-table:begin -->"
+MARK_END = "<!-- quality-table:end -->"
+
+# name -> extra CLI arguments; D²Prune leaves v_proj un-updated, the paper's choice for LLaMA models.
+METHODS = {
+    "magnitude": ["--method", "magnitude"],
+    "wanda": ["--method", "wanda"],
+    "sparsegpt": ["--method", "sparsegpt"],
+    "d2prune": ["--method", "d2prune", "--target-layers", "self_attn.v_proj"],
+}
+SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]
+
+
+def run(name: str, args: list[str], out_dir: Path) -> dict:
+    """Run one d2prune command; return its run record plus wall time and peak RSS."""
+    d2prune = Path(sys.executable).parent / "d2prune"
+    cmd = [str(d2prune), *args, "--output-dir", str(out_dir), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{name} failed:\n{output}")
+    record = json.loads((out_dir / "run.json").read_text())
+    shown = " ".join(shlex.quote(a) for a in ["d2prune", *args])
+    return {"name": name, "command": shown, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "record": record}
+
+
+def summarize(result: dict) -> dict:
+    rec = result["record"]
+    ppl = rec["perplexity"]
+    key = "pruned" if "pruned" in ppl else "model"
+    wt = ppl[key]["wikitext2"]
+    cfg = rec.get("config", {})
+    return {
+        "name": result["name"],
+        "method": cfg.get("method", {}).get("name", "dense"),
+        "pattern": cfg.get("pattern", "-"),
+        "target": cfg.get("sparsity", 0.0),
+        "achieved": rec.get("overall_sparsity", 0.0),
+        "ppl": wt["ppl"],
+        "windows": wt["n_windows"],
+        "prune_s": rec.get("prune_timings", {}).get("total"),
+        "wall_s": result["wall_s"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "command": result["command"],
+    }
+
+
+def setting_args(setting: str) -> list[str]:
+    return ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
+
+
+def write_table(rows: list[dict]) -> None:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    settings = []
+    for r in rows:
+        if r["method"] != "dense":
+            label = r["pattern"] if r["pattern"] != "unstructured" else f"{r['target']:.0%}"
+            r["_setting"] = label
+            if label not in settings:
+                settings.append(label)
+    names = [n for n in METHODS if any(r["name"].startswith(n + "-") for r in rows)]
+    lines = [
+        f"Dense WikiText-2 perplexity: **{dense['ppl']:.2f}**" if dense else "Dense: not measured",
+        "",
+        "| method | " + " | ".join(settings) + " |",
+        "|---|" + "---|" * len(settings),
+    ]
+    by_key = {(r["name"].split("-")[0], r.get("_setting")): r for r in rows}
+    for n in names:
+        cells = [f"{by_key[(n, s)]['ppl']:.2f}" if (n, s) in by_key else "–" for s in settings]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Pruning wall time (s) / peak RSS (MB) of each run (whole process: load, calibrate, prune, evaluate):",
+        "",
+        "| method | " + " | ".join(settings) + " |",
+        "|---|" + "---|" * len(settings),
+    ]
+    for n in names:
+        cells = [
+            f"{by_key[(n, s)]['prune_s']:.0f} / {by_key[(n, s)]['peak_rss_mb']:.0f}" if (n, s) in by_key else "–"
+            for s in settings
+        ]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Achieved overall sparsity: " + ", ".join(
+        f"{r['name']} {r['achieved']:.4f}" for r in rows if r["method"] != "dense"
+    )]
+    table = "\n".join(lines)
+    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    begin, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+    README.write_text(text[:begin] + "\n" + table + "\n" + text[end:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--settings", nargs="+", default=SETTINGS)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--force", action="store_true", help="rerun runs already in the results file")
+    args = ap.parse_args()
+
+    common = ["--seqlen", str(args.seqlen), "--eval", "wikitext2", "--eval-windows", str(args.eval_windows)]
+    jobs = [] if args.no_dense else [("dense", ["eval", args.model, *common])]
+    for m in args.methods:
+        for s in args.settings:
+            jobs.append((f"{m}-{s}", ["prune", args.model, *METHODS[m], *setting_args(s),
+                                      "--nsamples", str(args.nsamples), "--calib", "c4", "--seed", "0", *common]))
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    for name, cmd in jobs:
+        shown = " ".join(shlex.quote(a) for a in ["d2prune", *cmd])
+        if not args.force and any(r["command"] == shown for r in results):
+            print(f"skip {name} (already measured)")
+            continue
+        res = summarize(run(name, cmd, RUNS / name))
+        print(f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s  "
+              f"rss {res['peak_rss_mb']:.0f}MB", flush=True)
+        results = [r for r in results if r["name"] != name] + [res]
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        write_table(results)
+    write_table(results)
+
+
+if __name__ == "__main__":
+    main()

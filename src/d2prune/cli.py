@@ -1,0 +1,278 @@
+"""The ``d2prune`` command line: ``d2prune prune MODEL ...`` and ``d2prune eval MODEL ...``.
+
+The paper repository's flag names (``--prune_method``, ``--sparsity_ratio``, ...) are accepted as
+aliases so its scripts run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"d2prune: error: {message}\n")
+
+
+def _target_layers(values: list[str] | None) -> list[str] | None:
+    """Names from ``--target-layers a b`` or the reference's ``"['a', 'b']"``; 'none' means []."""
+    if values is None:
+        return None
+    names: list[str] = []
+    for value in values:
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise UserError(f"cannot parse target layer list {value!r}") from None
+            names.extend(str(v) for v in parsed)
+        elif value.lower() != "none":
+            names.extend(v for v in value.split(",") if v)
+    return names
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="HF folder, Hub id, .gguf file, or 'smollm2-135m'")
+    p.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--data-dir", "--data_dir", default=None, help="data folder (env D2PRUNE_DATA; default ../shared/data)")
+    p.add_argument("--cache-dir", "--data_cache_dir", default=None, help="token cache folder (default ~/.cache/d2prune)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration and evaluation window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument(
+        "--eval", "--eval_dataset", dest="eval", nargs="+", default=["wikitext2"],
+        help="perplexity sets: wikitext2, ptb, a text file, or 'none' (default wikitext2)",
+    )
+    p.add_argument("--eval-data-path", "--eval_data_path", default=None, help="file or folder for the (first) eval set")
+    p.add_argument("--eval-windows", type=int, default=None, help="use only the first K evaluation windows")
+    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward (default 1)")
+    p.add_argument("--output-dir", "--output_dir", default=None, help="folder for run.json (and the saved model)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="d2prune", description="One-shot post-training pruning of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
+    _add_model_args(pr)
+    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | magnitude")
+    pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
+    pr.add_argument("--pattern", "--sparsity_type", default="unstructured", help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)")
+    pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
+    pr.add_argument("--prune_m", type=int, default=0, help=argparse.SUPPRESS)
+    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    pr.add_argument("--calib", "--cali_dataset", default="c4", help="calibration source: c4, a file or a folder (default c4)")
+    pr.add_argument("--calib-data-path", "--cali_data_path", default=None, help="file or folder for the calibration source")
+    pr.add_argument("--batch-size", type=int, default=1, help="calibration windows per layer forward (default 1)")
+    pr.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity first")
+    pr.add_argument("--save-model", "--save_model", nargs="?", const=True, default=None,
+                    help="save the pruned model (to PATH, or OUTPUT_DIR/model)")
+    pr.add_argument("--no-measure-error", action="store_true", help="skip the reconstruction-error statistic (faster)")
+    d2 = pr.add_argument_group("D²Prune / SparseGPT options")
+    d2.add_argument("--s", type=float, default=1500.0, help="activation scale s (default 1500)")
+    d2.add_argument("--auto-s", "--auto_s", action="store_true", help="s = the model's max_position_embeddings")
+    d2.add_argument("--r1", type=float, default=1.0, help="weight λ1 of the y·|W|·x term (default 1)")
+    d2.add_argument("--r2", type=float, default=0.0, help="weight λ2 of the W²x² term, subtracted (default 0)")
+    d2.add_argument("--target-layers", "--target_layer_names", nargs="+", default=None,
+                    help="linears pruned without update (default self_attn.k_proj; 'none' for none)")
+    d2.add_argument("--d2-wanda", "--d2_wanda", action=argparse.BooleanOptionalAction, default=True,
+                    help="D² terms in the no-update branch (default on)")
+    d2.add_argument("--d2-sparsegpt", "--d2_sparsegpt", action=argparse.BooleanOptionalAction, default=True,
+                    help="D² terms in the update branch (default on)")
+    d2.add_argument("--stats-mode", default="mean", help="mean (default) or reference (bit-faithful recurrences)")
+    d2.add_argument("--wanda-x-exponent", type=float, default=1.0, help="X exponent of the r1 term, no-update branch")
+    d2.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
+    d2.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
+
+    ev = sub.add_parser("eval", help="evaluate a dense or saved model")
+    _add_model_args(ev)
+    return parser
+
+
+def _method_config(args: argparse.Namespace):
+    from .methods import METHODS, method_config
+
+    name = str(args.method).strip().lower()
+    if name not in METHODS:
+        raise UserError(f"unknown method {args.method!r}: choose one of {', '.join(sorted(METHODS))}")
+    options = {
+        "s": args.s, "auto_s": args.auto_s, "r1": args.r1, "r2": args.r2,
+        "d2_wanda": args.d2_wanda, "d2_sparsegpt": args.d2_sparsegpt, "stats_mode": args.stats_mode,
+        "wanda_x_exponent": args.wanda_x_exponent, "percdamp": args.percdamp, "blocksize": args.blocksize,
+    }
+    targets = _target_layers(args.target_layers)
+    if targets is not None:
+        options["target_layers"] = targets
+    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    return method_config(name, **{k: v for k, v in options.items() if k in fields})
+
+
+def _pattern(args: argparse.Namespace) -> str:
+    if args.prune_n or args.prune_m:
+        return f"{args.prune_n}:{args.prune_m}"
+    return args.pattern
+
+
+def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
+    from .data import get_eval_tokens
+    from .evaluate import evaluate_ppl
+
+    for i, name in enumerate(args.eval):
+        if name.lower() == "none":
+            continue
+        source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
+        tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
+        res = evaluate_ppl(
+            model, tokens, args.seqlen, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
+            device=args.device, progress=not args.no_progress,
+        )
+        results.setdefault(label, {})[name] = res.to_dict()
+
+
+def _sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
+    from .data import source_info
+
+    names = ([calib] if calib else []) + [
+        (args.eval_data_path if (i == 0 and args.eval_data_path) else e) for i, e in enumerate(args.eval) if e.lower() != "none"
+    ]
+    out = []
+    for name in names:
+        try:
+            out.append(source_info(name, args.data_dir_path))
+        except UserError:
+            out.append({"source": name, "path": None, "sha256": None})
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .data import default_data_dir
+    from .models import load_model, save_pruned
+    from .record import command_line, format_table, package_versions, write_json_atomic
+
+    args.model = args.model or args.model_opt
+    if not args.model:
+        raise UserError("no model given: pass a model folder, a Hub id, a .gguf file or 'smollm2-135m'")
+    if args.seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
+    args.data_dir_path = Path(args.data_dir) if args.data_dir else default_data_dir()
+    args.cache_dir_path = Path(args.cache_dir) if args.cache_dir else None
+    record: dict[str, Any] = {"command": command_line(), "versions": package_versions(), "model": args.model}
+    timings: dict[str, float] = {}
+    ppl: dict[str, dict] = {}
+    output_dir = Path(args.output_dir) if args.output_dir else None
+
+    config = None
+    if args.command == "prune":
+        from . import PruneConfig
+
+        config = PruneConfig(
+            method=_method_config(args), sparsity=args.sparsity, pattern=_pattern(args), device=args.device,
+            batch_size=args.batch_size, measure_error=not args.no_measure_error, progress=not args.no_progress,
+        )
+        if args.nsamples < 1:
+            raise UserError(f"--nsamples must be at least 1, got {args.nsamples}")
+        if args.save_model and output_dir is None and args.save_model is True:
+            raise UserError("--save-model without a path needs --output-dir")
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    timings["load"] = time.perf_counter() - t0
+
+    if args.command == "eval":
+        t0 = time.perf_counter()
+        _evaluate(model, tokenizer, args, "model", ppl)
+        timings["eval"] = time.perf_counter() - t0
+        record.update(perplexity=ppl, timings=timings, sources=_sources(args, None), seqlen=args.seqlen)
+        rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]} for k, v in ppl.get("model", {}).items()]
+        print(format_table(rows, ["set", "ppl", "windows", "tokens"]))
+        if output_dir:
+            write_json_atomic(output_dir / "run.json", record)
+        return 0
+
+    from .data import get_calibration
+    from .pipeline import prune
+
+    calib_source = args.calib_data_path or args.calib
+    t0 = time.perf_counter()
+    calibration = get_calibration(
+        tokenizer, calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+    )
+    timings["calibration_data"] = time.perf_counter() - t0
+
+    if args.eval_dense:
+        t0 = time.perf_counter()
+        _evaluate(model, tokenizer, args, "dense", ppl)
+        timings["eval_dense"] = time.perf_counter() - t0
+
+    report = prune(model, calibration, config)
+    timings["prune"] = report.timings["total"]
+
+    t0 = time.perf_counter()
+    _evaluate(model, tokenizer, args, "pruned", ppl)
+    timings["eval_pruned"] = time.perf_counter() - t0
+
+    record.update(
+        config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,
+        sources=_sources(args, calib_source), perplexity=ppl, timings=timings,
+        prune_timings=report.timings, overall_sparsity=report.overall_sparsity, nm_structure_ok=report.nm_ok,
+        linears=report.to_dict()["linears"],
+    )
+    if args.save_model:
+        target = Path(args.save_model) if args.save_model is not True else output_dir / "model"
+        t0 = time.perf_counter()
+        save_pruned(model, tokenizer, target, {
+            "method": config.method.name, "config": report.config, "pattern": str(config.pattern),
+            "overall_sparsity": report.overall_sparsity,
+            "linears": {lin.name: lin.sparsity for lin in report.linears},
+        })
+        timings["save"] = time.perf_counter() - t0
+        record["saved_model"] = str(target)
+
+    row = {
+        "method": config.method.name, "pattern": str(config.pattern),
+        "target": config.pattern.sparsity if config.pattern.is_nm else config.sparsity,
+        "achieved": report.overall_sparsity,
+    }
+    for name in args.eval:
+        if name.lower() != "none":
+            row[f"dense ppl ({name})"] = ppl.get("dense", {}).get(name, {}).get("ppl")
+            row[f"pruned ppl ({name})"] = ppl["pruned"][name]["ppl"]
+    row["prune s"] = report.timings["total"]
+    row["total s"] = sum(timings.values())
+    print(format_table([row], list(row)))
+    if output_dir:
+        path = write_json_atomic(output_dir / "run.json", record)
+        print(f"run record: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"d2prune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("d2prune: interrupted; no run record or model was written for this run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

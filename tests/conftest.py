@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny seeded random causal LMs of several architectures and calibration ids.
+
+Every model is float32, in eval mode, with 2 decoder layers, hidden size 64 and a 128-token vocab,
+so a whole prune runs in well under a second on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 128
+HIDDEN = 64
+INTERMEDIATE = 128
+LAYERS = 2
+HEADS = 4
+MAX_POSITIONS = 64
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# The test tensors are tiny: one intra-op thread is as fast as two, and it keeps OpenMP workers from
+# spin-waiting (tens of times slower) when the 2-core machine is busy with something else.
+torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the tests need to know about one architecture."""
+
+    key: str
+    model_class: str
+    config_class: str
+    stack_path: str  # path of the decoder-layer ModuleList
+    linears: tuple[str, ...]  # module-relative linear names of one decoder layer, in module order
+    input_norm: str  # module-relative name of the norm in front of ``first_linear``
+    first_linear: str  # a linear that reads ``input_norm``'s output
+    d2_target: str  # a linear name for D2PruneConfig.target_layers (no-update branch)
+    options: dict = field(default_factory=dict)
+
+
+_LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_GQA = {"num_attention_heads": HEADS, "num_key_value_heads": 2}
+
+ARCHS: dict[str, Arch] = {
+    a.key: a
+    for a in [
+        Arch(
+            "llama-gqa", "LlamaForCausalLM", "LlamaConfig", "model.layers", _LLAMA_LINEARS,
+            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", dict(_GQA),
+        ),
+        Arch(
+            "qwen2", "Qwen2ForCausalLM", "Qwen2Config", "model.layers", _LLAMA_LINEARS,
+            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", dict(_GQA),
+        ),
+        Arch(
+            "qwen3", "Qwen3ForCausalLM", "Qwen3Config", "model.layers", _LLAMA_LINEARS,
+            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", {**_GQA, "head_dim": HIDDEN // HEADS},
+        ),
+        Arch(
+            "mistral", "MistralForCausalLM", "MistralConfig", "model.layers", _LLAMA_LINEARS,
+            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", dict(_GQA),
+        ),
+        Arch(
+            "opt", "OPTForCausalLM", "OPTConfig", "model.decoder.layers",
+            ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"),
+            "self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj",
+            {"num_attention_heads": HEADS, "ffn_dim": INTERMEDIATE, "word_embed_proj_dim": HIDDEN},
+        ),
+        Arch(
+            "gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig", "gpt_neox.layers",
+            ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+            "input_layernorm", "attention.query_key_value", "attention.query_key_value",
+            {"num_attention_heads": HEADS},
+        ),
+        Arch(
+            "phi3", "Phi3ForCausalLM", "Phi3Config", "model.layers",
+            ("self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+            "input_layernorm", "self_attn.qkv_proj", "self_attn.qkv_proj", dict(_GQA),
+        ),
+    ]
+}
+ARCH_KEYS = list(ARCHS)
+
+
+def build_tiny_model(key: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded, float32, eval-mode tiny random model of architecture ``key`` (see ``ARCHS``)."""
+    import transformers
+
+    arch = ARCHS[key]
+    config_cls = getattr(transformers, arch.config_class)
+    model_cls = getattr(transformers, arch.model_class)
+    options = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+    )
+    options.update(arch.options)
+    options.update(overrides)
+    config = config_cls(**options)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    return model
+
+
+def make_calibration_ids(windows: int = 6, tokens: int = 16, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    """Seeded random token ids (windows × tokens), int64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (windows, tokens), generator=g, dtype=torch.long)
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model("llama-gqa", seed=0, **config_overrides)``."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def calibration_ids():
+    """Factory: ``calibration_ids(windows=6, tokens=16, seed=0)``."""
+    return make_calibration_ids
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
