@@ -136,8 +136,8 @@ def main() -> None:
 
     common = ["--seqlen", str(args.seqlen), "--eval", "wikitext2", "--eval-windows", str(args.eval_windows)]
     jobs = [] if args.no_dense else [("dense", ["eval", args.model, *common])]
-    for m in args.methods:
-        for s in args.settings:
+    for s in args.settings:
+        for m in args.methods:
             jobs.append((f"{m}-{s}", ["prune", args.model, *METHODS[m], *setting_args(s),
                                       "--nsamples", str(args.nsamples), "--calib", "c4", "--seed", "0", *common]))
 

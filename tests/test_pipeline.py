@@ -154,7 +154,7 @@ def test_layer_statistics_see_pruned_output_of_previous_layer(key):
     class RecordingConfig(MethodConfig):
         name = "test-recording"
 
-        def make_pruner(self, name, weight):
+        def make_pruner(self, name, weight, path=""):
             return _RecordingPruner(name, weight, records)
 
     d2prune.methods.register(RecordingConfig)

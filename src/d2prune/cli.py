@@ -131,16 +131,23 @@ def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
     from .data import get_eval_tokens
     from .evaluate import evaluate_ppl
 
-    for i, name in enumerate(args.eval):
-        if name.lower() == "none":
-            continue
-        source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
-        tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
-        res = evaluate_ppl(
-            model, tokens, args.seqlen, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
-            device=args.device, progress=not args.no_progress,
-        )
-        results.setdefault(label, {})[name] = res.to_dict()
+    # The model lives on the CPU between phases (pruning moves one layer at a time); evaluation
+    # runs the whole model on the compute device.
+    home = next(model.parameters()).device
+    model.to(args.device)
+    try:
+        for i, name in enumerate(args.eval):
+            if name.lower() == "none":
+                continue
+            source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
+            tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
+            res = evaluate_ppl(
+                model, tokens, args.seqlen, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
+                progress=not args.no_progress,
+            )
+            results.setdefault(label, {})[name] = res.to_dict()
+    finally:
+        model.to(home)
 
 
 def _sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
@@ -188,8 +195,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.save_model and output_dir is None and args.save_model is True:
             raise UserError("--save-model without a path needs --output-dir")
 
+    from .models import check_device
+
+    check_device(args.device)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     timings["load"] = time.perf_counter() - t0
 
     if args.command == "eval":

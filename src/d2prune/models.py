@@ -54,7 +54,7 @@ def _torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
-def _check_device(device: str):
+def check_device(device: str):
     import torch
 
     try:
@@ -266,7 +266,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
     ``cache=False``) or a Hub id ``org/name`` (only tried when no such local path exists).
     """
     torch_dtype = _torch_dtype(dtype)
-    dev = _check_device(device)
+    dev = check_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise UserError(f"model must be a path, a Hub id or {DEFAULT_MODEL!r}, got {name_or_path!r}")
     name = os.fspath(name_or_path)

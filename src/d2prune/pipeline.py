@@ -241,6 +241,10 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     was_training = model.training
     model.eval()
     batches = _calibration_batches(calibration, config.batch_size)
+    if method.needs_gradients:
+        from .gradients import attach_gradients
+
+        method = attach_gradients(method, model, batches, device, config.progress)
     report = PruneReport(config={**config.to_dict(), "method": method.to_dict()})
     timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
 
@@ -258,7 +262,10 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
             layer.to(device)
             target = config.target(index, num_layers)
             linears = find_linears(layer)
-            pruners = {name: method.make_pruner(name, lin.weight) for name, lin in linears.items()}
+            pruners = {
+                name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}")
+                for name, lin in linears.items()
+            }
             gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
 
             t0 = time.perf_counter()

@@ -61,8 +61,13 @@ class MethodConfig:
     """Base of the per-method config dataclasses; ``name`` is the registry key."""
 
     name: ClassVar[str] = ""
+    # Methods that score with gradients of the LM loss (Pruner-Zero) get them from the pipeline,
+    # which runs the model-level gradient pass before layer-wise pruning (see gradients.py).
+    needs_gradients: ClassVar[bool] = False
 
-    def make_pruner(self, name: str, weight: torch.Tensor) -> LinearPruner:
+    def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
+        """A pruner for the linear ``name`` (module-relative, e.g. ``self_attn.q_proj``) whose full
+        module path in the model is ``path`` (e.g. ``model.layers.3.self_attn.q_proj``)."""
         raise NotImplementedError
 
     def resolve(self, model_info: dict[str, Any]) -> "MethodConfig":

@@ -164,7 +164,7 @@ class D2PruneConfig(MethodConfig):
                 f"its linears are: {', '.join(linear_names)}"
             )
 
-    def make_pruner(self, name: str, weight: torch.Tensor) -> LinearPruner:
+    def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if name in self.target_layers:
             return D2WandaPruner(name, weight, self)
         return D2SparseGPTPruner(name, weight, self)

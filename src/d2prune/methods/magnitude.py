@@ -22,5 +22,5 @@ class MagnitudePruner(LinearPruner):
 class MagnitudeConfig(MethodConfig):
     name = "magnitude"
 
-    def make_pruner(self, name: str, weight: torch.Tensor) -> LinearPruner:
+    def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         return MagnitudePruner(name, weight)

@@ -136,5 +136,5 @@ class SparseGPTConfig(MethodConfig):
     percdamp: float = 0.01
     blocksize: int = 128
 
-    def make_pruner(self, name: str, weight: torch.Tensor) -> LinearPruner:
+    def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         return SparseGPTPruner(name, weight, self)

@@ -47,5 +47,5 @@ class WandaPruner(LinearPruner):
 class WandaConfig(MethodConfig):
     name = "wanda"
 
-    def make_pruner(self, name: str, weight: torch.Tensor) -> LinearPruner:
+    def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         return WandaPruner(name, weight)
