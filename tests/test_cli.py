@@ -150,3 +150,37 @@ def test_smoke_smollm2_d2prune_half(tmp_path):
     assert all(abs(lin["sparsity"] - 0.5) <= 0.005 for lin in rec["linears"])
     ppl = rec["perplexity"]["pruned"]["wikitext2"]["ppl"]
     assert ppl == ppl and ppl < 1e4
+
+
+@needs_assets
+def test_owl_profile_and_explicit_layer_sparsities_from_cli(tmp_path, cache):
+    out = tmp_path / "owl"
+    assert main(["prune", str(TINY), "--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl",
+                 "--owl-lambda", "0.1", "--owl-m", "3", "--output-dir", str(out), *QUICK]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    layer_s = rec["layer_sparsities"]
+    assert len(layer_s) == 4 and abs(sum(layer_s) / 4 - 0.6) < 1e-6 and len(rec["outlier_ratios"]) == 4
+    assert rec["config"]["sparsity_profile"] == "owl" and rec["config"]["owl_lambda"] == 0.1
+    listing = tmp_path / "layers.json"
+    listing.write_text("[0.2, 0.4, 0.6, 0.8]")
+    out2 = tmp_path / "explicit"
+    assert main(["prune", str(TINY), "--method", "magnitude", "--layer-sparsities", str(listing),
+                 "--output-dir", str(out2), *QUICK]) == 0
+    rec2 = json.loads((out2 / "run.json").read_text())
+    assert rec2["layer_sparsities"] == [0.2, 0.4, 0.6, 0.8]
+    by_layer = {lin["layer"]: lin["sparsity"] for lin in rec2["linears"] if lin["name"].endswith("q_proj")}
+    assert [round(by_layer[i], 2) for i in range(4)] == [0.19, 0.39, 0.59, 0.8]
+
+
+@needs_assets
+def test_attention_subcommand_writes_json_and_plot(tmp_path, cache, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(TINY), "--method", "magnitude", "--output-dir", str(out), "--save-model", "--eval", "none",
+                 *QUICK]) == 0
+    att = tmp_path / "att"
+    assert main(["attention", str(TINY), str(out / "model"), "--output-dir", str(att), "--windows", "2",
+                 "--seqlen", "32", "--no-progress", "--data-dir", str(DATA)]) == 0
+    rec = json.loads((att / "attention.json").read_text())
+    assert len(rec["result"]["layers"]) == 4 and rec["result"]["mean"]["rmse"] > 0
+    assert (att / "attention.png").stat().st_size > 1000
+    assert "relative_rmse" in capsys.readouterr().out

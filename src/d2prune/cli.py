@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -82,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--save-model", "--save_model", nargs="?", const=True, default=None,
                     help="save the pruned model (to PATH, or OUTPUT_DIR/model)")
     pr.add_argument("--no-measure-error", action="store_true", help="skip the reconstruction-error statistic (faster)")
+    ls = pr.add_argument_group("layer-wise sparsity")
+    ls.add_argument("--sparsity-profile", default="uniform", help="uniform (default) or owl (outlier-weighted, per layer)")
+    ls.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: per-layer sparsities within [p-λ, p+λ] (default 0.08)")
+    ls.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, times the mean score (default 5)")
+    ls.add_argument("--layer-sparsities", nargs="+", default=None,
+                    help="explicit per-decoder-layer sparsities (numbers, or one JSON file holding a list)")
+    hs = pr.add_argument_group("--target-layers auto: held-out choice of the un-updated projection")
+    hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
+    hs.add_argument("--heldout-windows", type=int, default=16, help="held-out windows (default 16)")
+    hs.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out draw (default 1)")
+    pz = pr.add_argument_group("Pruner-Zero options")
+    pz.add_argument("--gradient-source", default=None, help="text for the gradient pass (default: the calibration source)")
+    pz.add_argument("--gradient-cache", default=None, help="safetensors file to store / reuse the gradient statistic")
     d2 = pr.add_argument_group("D²Prune / SparseGPT options")
     d2.add_argument("--s", type=float, default=1500.0, help="activation scale s (default 1500)")
     d2.add_argument("--auto-s", "--auto_s", action="store_true", help="s = the model's max_position_embeddings")
@@ -100,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a dense or saved model")
     _add_model_args(ev)
+
+    at = sub.add_parser("attention", help="attention-distribution diagnostics: dense vs pruned, per layer")
+    at.add_argument("dense", help="the dense model (folder, Hub id, .gguf or smollm2-135m)")
+    at.add_argument("pruned", help="the pruned model (e.g. a folder written by --save-model)")
+    at.add_argument("--output-dir", "--output_dir", required=True, help="folder for attention.json and attention.png")
+    at.add_argument("--data", default="c4", help="held-out text source (default c4)")
+    at.add_argument("--windows", type=int, default=8, help="held-out windows (default 8)")
+    at.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    at.add_argument("--seed", type=int, default=1234, help="seed of the held-out draw (default 1234; calibration uses 0)")
+    at.add_argument("--top-k", type=int, default=8, help="keys counted in the top-k attention mass (default 8)")
+    at.add_argument("--dtype", default="float32")
+    at.add_argument("--device", default="cpu")
+    at.add_argument("--data-dir", "--data_dir", default=None)
+    at.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -115,10 +143,27 @@ def _method_config(args: argparse.Namespace):
         "wanda_x_exponent": args.wanda_x_exponent, "percdamp": args.percdamp, "blocksize": args.blocksize,
     }
     targets = _target_layers(args.target_layers)
-    if targets is not None:
+    if targets is not None and targets != ["auto"]:
         options["target_layers"] = targets
+    if args.gradient_cache:
+        options["gradient_cache"] = args.gradient_cache
     fields = {f.name for f in dataclasses.fields(METHODS[name])}
     return method_config(name, **{k: v for k, v in options.items() if k in fields})
+
+
+def _layer_sparsities(values: list[str] | None) -> list[float] | None:
+    if not values:
+        return None
+    if len(values) == 1 and Path(values[0]).is_file():
+        try:
+            data = json.loads(Path(values[0]).read_text())
+            return [float(v) for v in data]
+        except (ValueError, TypeError):
+            raise UserError(f"{values[0]} must hold a JSON list of per-layer sparsities") from None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise UserError(f"--layer-sparsities takes numbers or one JSON file, got {' '.join(values)!r}") from None
 
 
 def _pattern(args: argparse.Namespace) -> str:
@@ -165,7 +210,25 @@ def _sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
     return out
 
 
+def _run_attention(args: argparse.Namespace) -> int:
+    from .attention import run_attention
+    from .data import default_data_dir
+
+    result = run_attention(
+        args.dense, args.pruned, args.output_dir, data_source=args.data, nwindows=args.windows, seqlen=args.seqlen,
+        seed=args.seed, top_k=args.top_k, dtype=args.dtype, device=args.device,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), progress=not args.no_progress,
+    )
+    from .attention import format_attention_table
+
+    print(format_attention_table(result))
+    print(f"attention record: {Path(args.output_dir) / 'attention.json'}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "attention":
+        return _run_attention(args)
     from .data import default_data_dir
     from .models import load_model, save_pruned
     from .record import command_line, format_table, package_versions, write_json_atomic
@@ -189,7 +252,12 @@ def _run(args: argparse.Namespace) -> int:
         config = PruneConfig(
             method=_method_config(args), sparsity=args.sparsity, pattern=_pattern(args), device=args.device,
             batch_size=args.batch_size, measure_error=not args.no_measure_error, progress=not args.no_progress,
+            sparsity_profile=args.sparsity_profile, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+            layer_sparsities=_layer_sparsities(args.layer_sparsities),
         )
+        args.auto_target = _target_layers(args.target_layers) == ["auto"]
+        if args.auto_target and config.method.name != "d2prune":
+            raise UserError(f"--target-layers auto applies to d2prune, not to {config.method.name}")
         if args.nsamples < 1:
             raise UserError(f"--nsamples must be at least 1, got {args.nsamples}")
         if args.save_model and output_dir is None and args.save_model is True:
@@ -229,8 +297,27 @@ def _run(args: argparse.Namespace) -> int:
         _evaluate(model, tokenizer, args, "dense", ppl)
         timings["eval_dense"] = time.perf_counter() - t0
 
-    report = prune(model, calibration, config)
-    timings["prune"] = report.timings["total"]
+    if config.method.needs_gradients and args.gradient_source:
+        config.method = dataclasses.replace(config.method, gradient_source=get_calibration(
+            tokenizer, args.gradient_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+        ))
+
+    t0 = time.perf_counter()
+    if args.auto_target:
+        from .data import get_heldout
+        from .target_search import choose_target_layers
+
+        heldout = get_heldout(
+            tokenizer, args.heldout_source or calib_source, nsamples=args.heldout_windows, seqlen=args.seqlen,
+            calib_nsamples=args.nsamples, calib_seed=args.seed, seed=args.heldout_seed, data_dir=args.data_dir_path,
+        )
+        report, record["target_search"] = choose_target_layers(model, calibration, heldout, config)
+        record["target_search"]["heldout_source"] = args.heldout_source or calib_source
+        record["target_search"]["heldout_seed"] = args.heldout_seed
+    else:
+        report = prune(model, calibration, config)
+    timings["prune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     _evaluate(model, tokenizer, args, "pruned", ppl)
@@ -240,6 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,
         sources=_sources(args, calib_source), perplexity=ppl, timings=timings,
         prune_timings=report.timings, overall_sparsity=report.overall_sparsity, nm_structure_ok=report.nm_ok,
+        layer_sparsities=report.layer_sparsities, outlier_ratios=report.outlier_ratios,
         linears=report.to_dict()["linears"],
     )
     if args.save_model:
@@ -262,7 +350,7 @@ def _run(args: argparse.Namespace) -> int:
         if name.lower() != "none":
             row[f"dense ppl ({name})"] = ppl.get("dense", {}).get(name, {}).get("ppl")
             row[f"pruned ppl ({name})"] = ppl["pruned"][name]["ppl"]
-    row["prune s"] = report.timings["total"]
+    row["prune s"] = timings["prune"]
     row["total s"] = sum(timings.values())
     print(format_table([row], list(row)))
     if output_dir:

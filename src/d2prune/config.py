@@ -22,6 +22,9 @@ class PruneConfig:
     sparsity: float = 0.5
     pattern: str | Pattern = "unstructured"
     layer_sparsities: list[float] | None = None
+    sparsity_profile: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
     device: str = "cpu"
     batch_size: int = 1
     measure_error: bool = True
@@ -35,6 +38,13 @@ class PruneConfig:
                 raise UserError(f"sparsity must be in [0, 1), got {p}")
         if self.layer_sparsities is not None and self.pattern.is_nm:
             raise UserError("per-layer sparsities apply to unstructured pruning only, not to N:M")
+        if self.sparsity_profile not in ("uniform", "owl"):
+            raise UserError(f"unknown sparsity profile {self.sparsity_profile!r}: choose uniform or owl")
+        if self.sparsity_profile == "owl":
+            if self.pattern.is_nm or self.layer_sparsities is not None:
+                raise UserError("the OWL profile sets per-layer unstructured sparsities; it cannot combine with N:M or explicit ones")
+            if not 0 <= self.owl_lambda < 0.5 or self.owl_m <= 0:
+                raise UserError(f"OWL needs 0 <= lambda < 0.5 and M > 0, got lambda={self.owl_lambda}, M={self.owl_m}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
 
@@ -55,6 +65,8 @@ class PruneConfig:
             "sparsity": self.pattern.sparsity if self.pattern.is_nm else self.sparsity,
             "pattern": str(self.pattern),
             "layer_sparsities": self.layer_sparsities,
+            "sparsity_profile": self.sparsity_profile,
+            **({"owl_lambda": self.owl_lambda, "owl_m": self.owl_m} if self.sparsity_profile == "owl" else {}),
             "device": self.device,
             "batch_size": self.batch_size,
             "measure_error": self.measure_error,
@@ -84,6 +96,8 @@ class PruneReport:
     seqlen: int = 0
     zeros: int = 0
     weights: int = 0
+    layer_sparsities: list[float] = field(default_factory=list)
+    outlier_ratios: list[float] | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -101,6 +115,8 @@ class PruneReport:
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "overall_sparsity": self.overall_sparsity,
+            "layer_sparsities": self.layer_sparsities,
+            "outlier_ratios": self.outlier_ratios,
             "nm_structure_ok": self.nm_ok,
             "timings": self.timings,
             "linears": [asdict(lin) for lin in self.linears],

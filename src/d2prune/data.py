@@ -575,7 +575,14 @@ class _NoWindows(Exception):
 
 def _draw_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: int, label: str) -> torch.Tensor:
     """The reference draw: pick documents until one has more than seqlen tokens, then a random start."""
-    if not docs:
+    return _draw(tokenizer, docs, nsamples, seqlen, seed, label)[0]
+
+
+def _draw(
+    tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: int, label: str, exclude: frozenset[int] = frozenset()
+) -> tuple[torch.Tensor, set[int]]:
+    """``_draw_windows`` that never picks a document in ``exclude``; also returns the documents used."""
+    if not docs or len(exclude) >= len(docs):
         raise _NoWindows(0, 0, 0)
     # Each document is tokenized at most once; short ones only keep their length.
     memo: dict[int, torch.Tensor | int] = {}
@@ -590,6 +597,8 @@ def _draw_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: 
     # as soon as the documents seen could give nsamples disjoint windows.
     capacity = n_long = total = longest = 0
     for i in range(len(docs)):
+        if i in exclude:
+            continue
         ids = ids_of(i)
         n = ids if isinstance(ids, int) else int(ids.shape[1])
         total += n
@@ -612,14 +621,19 @@ def _draw_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: 
     # touching the global generator.
     rng = random.Random(seed)
     out = []
+    used: set[int] = set()
     for _ in range(nsamples):
         while True:
-            ids = ids_of(rng.randint(0, len(docs) - 1))
+            index = rng.randint(0, len(docs) - 1)
+            if index in exclude:
+                continue
+            ids = ids_of(index)
             if not isinstance(ids, int):  # only documents with more than seqlen tokens keep ids
                 break
+        used.add(index)
         start = rng.randint(0, ids.shape[1] - seqlen - 1)
         out.append(ids[:, start : start + seqlen])
-    return torch.cat(out, dim=0).long()
+    return torch.cat(out, dim=0).long(), used
 
 
 def _check_positive(**kwargs: int) -> None:
@@ -683,6 +697,33 @@ def get_calibration(
 
     if cdir is not None:
         _cache_save(path, key_json, windows)
+    return windows
+
+
+def get_heldout(
+    tokenizer,
+    source: str = "c4",
+    nsamples: int = 16,
+    seqlen: int = 2048,
+    calib_nsamples: int = 128,
+    calib_seed: int = 0,
+    seed: int = 1,
+    data_dir: Path | None = None,
+) -> torch.LongTensor:
+    """``nsamples`` windows of ``seqlen`` tokens from documents of ``source`` that the calibration
+    draw (``calib_nsamples``, ``seqlen``, ``calib_seed``) did not touch: held-out text for choosing
+    hyper-parameters without looking at the calibration windows or the evaluation text."""
+    _check_positive(nsamples=nsamples, seqlen=seqlen, calib_nsamples=calib_nsamples)
+    src = resolve_source(source, data_dir, "calibration")
+    docs, _ = _calibration_docs(_load_corpus(src))
+    try:
+        _, used = _draw(tokenizer, docs, calib_nsamples, seqlen, calib_seed, src.name)
+        windows, _ = _draw(tokenizer, docs, nsamples, seqlen, seed, src.name, exclude=frozenset(used))
+    except _NoWindows:
+        raise UserError(
+            f"data source {src.name!r} ({src.location}) has no document of more than {seqlen} tokens "
+            f"left after the {calib_nsamples} calibration windows; held-out windows need separate documents"
+        ) from None
     return windows
 
 

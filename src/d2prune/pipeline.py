@@ -19,7 +19,7 @@ from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
 from .methods import Gram, LinearPruner
-from .patterns import nm_violations
+from .patterns import SparsityTarget, nm_violations
 
 # Keyword arguments a decoder layer may get for a KV cache; layer-wise calibration runs without one.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -248,6 +248,17 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     report = PruneReport(config={**config.to_dict(), "method": method.to_dict()})
     timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
 
+    targets = [config.target(i, num_layers) for i in range(num_layers)]
+    if config.sparsity_profile == "owl":
+        from .owl import outlier_ratios, owl_sparsities
+
+        t0 = time.perf_counter()
+        report.outlier_ratios = outlier_ratios(model, batches, config.owl_m, device, config.progress)
+        layer_sparsities = owl_sparsities(report.outlier_ratios, config.sparsity, config.owl_lambda)
+        targets = [SparsityTarget(p, config.pattern) for p in layer_sparsities]
+        timings["owl"] = time.perf_counter() - t0
+    report.layer_sparsities = [t.sparsity for t in targets]
+
     t0 = time.perf_counter()
     inps, extras = capture_layer_inputs(model, stack, batches, device)
     sizes = [b["input_ids"].shape[0] for b in batches]
@@ -260,7 +271,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
             layer = layers[index]
             home = next(layer.parameters()).device
             layer.to(device)
-            target = config.target(index, num_layers)
+            target = targets[index]
             linears = find_linears(layer)
             pruners = {
                 name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}")
@@ -271,7 +282,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
             t0 = time.perf_counter()
             stats = _LayerStats(linears, pruners, gram_names)
             try:
-                _forward(layer, inps, extras, sizes, None, stats)
+                run_layer(layer, inps, extras, sizes, None, stats)
             finally:
                 stats.remove()
             timings["statistics"] += time.perf_counter() - t0
@@ -303,7 +314,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
             timings["prune"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            _forward(layer, inps, extras, sizes, outs, None)
+            run_layer(layer, inps, extras, sizes, outs)
             timings["pruned_forward"] += time.perf_counter() - t0
             layer.to(home)
             inps, outs = outs, inps
@@ -315,7 +326,10 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     return report
 
 
-def _forward(layer: nn.Module, inps: torch.Tensor, extras: list, sizes: list[int], outs, stats) -> None:
+def run_layer(
+    layer: nn.Module, inps: torch.Tensor, extras: list, sizes: list[int], outs: torch.Tensor | None, stats=None
+) -> None:
+    """Run ``layer`` over all calibration batches (``outs`` receives its outputs when given)."""
     start = 0
     for size, (rest, kwargs) in zip(sizes, extras):
         out = layer(inps[start : start + size], *rest, **kwargs)
