@@ -6,7 +6,15 @@
 
 from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
-from .methods import METHODS, D2PruneConfig, MagnitudeConfig, MethodConfig, SparseGPTConfig, WandaConfig
+from .methods import (
+    METHODS,
+    D2PruneConfig,
+    MagnitudeConfig,
+    MethodConfig,
+    PrunerZeroConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from .patterns import Pattern, SparsityTarget
 from .pipeline import prune
 
@@ -22,6 +30,7 @@ __all__ = [
     "MethodConfig",
     "D2PruneConfig",
     "MagnitudeConfig",
+    "PrunerZeroConfig",
     "SparseGPTConfig",
     "WandaConfig",
     "Pattern",

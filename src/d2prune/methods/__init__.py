@@ -3,6 +3,7 @@
 from .base import METHODS, Gram, LinearPruner, MethodConfig, method_config, register
 from .d2prune import D2PruneConfig
 from .magnitude import MagnitudeConfig
+from .pruner_zero import PrunerZeroConfig
 from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig
 
@@ -15,6 +16,7 @@ __all__ = [
     "register",
     "D2PruneConfig",
     "MagnitudeConfig",
+    "PrunerZeroConfig",
     "SparseGPTConfig",
     "WandaConfig",
 ]
