@@ -184,3 +184,19 @@ def test_attention_subcommand_writes_json_and_plot(tmp_path, cache, capsys):
     assert len(rec["result"]["layers"]) == 4 and rec["result"]["mean"]["rmse"] > 0
     assert (att / "attention.png").stat().st_size > 1000
     assert "relative_rmse" in capsys.readouterr().out
+
+
+@needs_assets
+def test_pruner_zero_from_cli_with_gradient_cache_and_source(tmp_path, cache):
+    grad_file = tmp_path / "g.safetensors"
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"pz{i}"
+        assert main(["prune", str(TINY), "--method", "pruner-zero", "--sparsity", "0.5", "--gradient-cache",
+                     str(grad_file), "--gradient-source", str(DATA / "ptb" / "ptb.valid.txt"), "--output-dir", str(out), *QUICK]) == 0
+        runs.append(json.loads((out / "run.json").read_text()))
+    assert grad_file.exists()
+    assert runs[0]["config"]["method"]["gradients"] == "computed" and runs[1]["config"]["method"]["gradients"] == "cache"
+    assert runs[0]["config"]["method"]["gradient_source"].startswith("separate token ids")
+    assert runs[0]["perplexity"]["pruned"] == runs[1]["perplexity"]["pruned"]
+    assert all(abs(lin["sparsity"] - 0.5) < 1e-9 for lin in runs[0]["linears"])

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
     _add_model_args(pr)
-    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | magnitude")
+    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | pruner-zero | magnitude")
     pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
     pr.add_argument("--pattern", "--sparsity_type", default="unstructured", help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)")
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
