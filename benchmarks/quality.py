@@ -6,7 +6,8 @@ so its wall time and peak RSS are its own. Results accumulate in
 ``benchmarks/results/quality_smollm2.json`` (runs already there with the same command are skipped;
 ``--force`` reruns them) and the table in ``benchmarks/README.md`` is regenerated from that file.
 
-    .venv/bin/python benchmarks/quality.py                       # everything
+    .venv/bin/python benchmarks/quality.py                       # baseline suite
+    .venv/bin/python benchmarks/quality.py --suite extended      # Pruner-Zero, OWL, D²Prune auto
     .venv/bin/python benchmarks/quality.py --methods wanda --settings 0.5 2:4
 """
 
@@ -34,8 +35,18 @@ METHODS = {
     "wanda": ["--method", "wanda"],
     "sparsegpt": ["--method", "sparsegpt"],
     "d2prune": ["--method", "d2prune", "--target-layers", "self_attn.v_proj"],
+    "pruner-zero": ["--method", "pruner-zero"],
+    "owl-wanda": ["--method", "wanda", "--sparsity-profile", "owl"],
+    "owl-sparsegpt": ["--method", "sparsegpt", "--sparsity-profile", "owl"],
+    "owl-d2prune": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--sparsity-profile", "owl"],
+    "d2prune-auto": ["--method", "d2prune", "--target-layers", "auto"],
 }
-SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]
+# Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
+SUITES = {
+    "base": (["magnitude", "wanda", "sparsegpt", "d2prune"], ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]),
+    "extended": (["pruner-zero", "owl-wanda", "owl-sparsegpt", "owl-d2prune", "d2prune-auto"],
+                 ["0.5", "0.6", "0.7", "0.8", "2:4"]),
+}
 
 
 def run(name: str, args: list[str], out_dir: Path) -> dict:
@@ -89,20 +100,20 @@ def write_table(rows: list[dict]) -> None:
             r["_setting"] = label
             if label not in settings:
                 settings.append(label)
-    names = [n for n in METHODS if any(r["name"].startswith(n + "-") for r in rows)]
+    names = [n for n in METHODS if any(r["name"].rsplit("-", 1)[0] == n for r in rows)]
     lines = [
         f"Dense WikiText-2 perplexity: **{dense['ppl']:.2f}**" if dense else "Dense: not measured",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
     ]
-    by_key = {(r["name"].split("-")[0], r.get("_setting")): r for r in rows}
+    by_key = {(r["name"].rsplit("-", 1)[0], r.get("_setting")): r for r in rows}
     for n in names:
         cells = [f"{by_key[(n, s)]['ppl']:.2f}" if (n, s) in by_key else "–" for s in settings]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Pruning wall time (s) / peak RSS (MB) of each run (whole process: load, calibrate, prune, evaluate):",
+        "Prune-phase wall time (s) / peak RSS of the whole process (MB: load, calibrate, prune, evaluate):",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
@@ -124,8 +135,9 @@ def write_table(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--settings", nargs="+", default=SETTINGS)
+    ap.add_argument("--suite", choices=list(SUITES), default="base")
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: the suite's")
+    ap.add_argument("--settings", nargs="+", default=None, help="default: the suite's")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -133,11 +145,15 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--force", action="store_true", help="rerun runs already in the results file")
     args = ap.parse_args()
+    args.methods = args.methods or SUITES[args.suite][0]
+    args.settings = args.settings or SUITES[args.suite][1]
 
     common = ["--seqlen", str(args.seqlen), "--eval", "wikitext2", "--eval-windows", str(args.eval_windows)]
     jobs = [] if args.no_dense else [("dense", ["eval", args.model, *common])]
     for s in args.settings:
         for m in args.methods:
+            if ":" in s and "--sparsity-profile" in METHODS[m]:
+                continue
             jobs.append((f"{m}-{s}", ["prune", args.model, *METHODS[m], *setting_args(s),
                                       "--nsamples", str(args.nsamples), "--calib", "c4", "--seed", "0", *common]))
 
