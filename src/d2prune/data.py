@@ -662,42 +662,25 @@ def get_calibration(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be an integer, got {seed!r}")
     src = resolve_source(source, data_dir, "calibration")
-    cdir = _cache_dir(cache_dir)
-    key = {
-        "version": CACHE_FORMAT_VERSION,
-        "kind": "calibration",
-        "tokenizer": tokenizer_identity(tokenizer),
-        "source": _source_identity(src),
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "seed": seed,
-    }
-    if cdir is not None:
-        path, key_json = _cache_path(cdir, "calib", src, key)
-        cached = _cache_load(path, key_json)
-        if cached is not None:
-            log.info("calibration windows from cache %s", path)
-            return cached
 
-    corpus = _load_corpus(src)
-    docs, whole = _calibration_docs(corpus)
-    try:
+    def draw() -> torch.Tensor:
+        docs, whole = _calibration_docs(_load_corpus(src))
         try:
-            windows = _draw_windows(tokenizer, docs, nsamples, seqlen, seed, src.name)
-        except _NoWindows:
-            if whole is None or len(docs) <= 1:
-                raise
-            windows = _draw_windows(tokenizer, [whole], nsamples, seqlen, seed, src.name)
-    except _NoWindows as e:
-        raise UserError(
-            f"data source {src.name!r} ({src.location}) can make 0 calibration windows of {seqlen} tokens "
-            f"(need {nsamples}): none of its {e.n_docs} documents has more than {seqlen} tokens "
-            f"(longest {e.longest}, {e.total_tokens} tokens in all); use a shorter seqlen or more data"
-        ) from None
+            try:
+                return _draw_windows(tokenizer, docs, nsamples, seqlen, seed, src.name)
+            except _NoWindows:
+                if whole is None or len(docs) <= 1:
+                    raise
+                return _draw_windows(tokenizer, [whole], nsamples, seqlen, seed, src.name)
+        except _NoWindows as e:
+            raise UserError(
+                f"data source {src.name!r} ({src.location}) can make 0 calibration windows of {seqlen} tokens "
+                f"(need {nsamples}): none of its {e.n_docs} documents has more than {seqlen} tokens "
+                f"(longest {e.longest}, {e.total_tokens} tokens in all); use a shorter seqlen or more data"
+            ) from None
 
-    if cdir is not None:
-        _cache_save(path, key_json, windows)
-    return windows
+    key = {"kind": "calibration", "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return _cached(cache_dir, "calib", src, tokenizer, key, draw)
 
 
 def get_heldout(
@@ -745,25 +728,28 @@ def get_eval_tokens(
     other document sources: texts joined with "\\n\\n"; a plain-text file: its content as is.
     """
     src = resolve_source(source, data_dir, "eval")
+
+    def tokenize() -> torch.Tensor:
+        text = _eval_text(_load_corpus(src))
+        if not text.strip():
+            raise UserError(f"data source {src.name!r} ({src.location}) holds no text to evaluate on")
+        return tokenizer(text, return_tensors="pt", verbose=False).input_ids.long()
+
+    return _cached(cache_dir, "eval", src, tokenizer, {"kind": "eval"}, tokenize)
+
+
+def _cached(cache_dir, prefix: str, src: "ResolvedSource", tokenizer, key: dict, compute) -> torch.Tensor:
+    """``compute()``, through the on-disk cache under a key of tokenizer, source and ``key``."""
     cdir = _cache_dir(cache_dir)
-    key = {
-        "version": CACHE_FORMAT_VERSION,
-        "kind": "eval",
-        "tokenizer": tokenizer_identity(tokenizer),
-        "source": _source_identity(src),
-    }
-    if cdir is not None:
-        path, key_json = _cache_path(cdir, "eval", src, key)
-        cached = _cache_load(path, key_json)
-        if cached is not None:
-            log.info("eval tokens from cache %s", path)
-            return cached
-
-    text = _eval_text(_load_corpus(src))
-    if not text.strip():
-        raise UserError(f"data source {src.name!r} ({src.location}) holds no text to evaluate on")
-    tokens = tokenizer(text, return_tensors="pt", verbose=False).input_ids.long()
-
-    if cdir is not None:
-        _cache_save(path, key_json, tokens)
-    return tokens
+    if cdir is None:
+        return compute()
+    full_key = {"version": CACHE_FORMAT_VERSION, **key, "tokenizer": tokenizer_identity(tokenizer),
+                "source": _source_identity(src)}
+    path, key_json = _cache_path(cdir, prefix, src, full_key)
+    cached = _cache_load(path, key_json)
+    if cached is not None:
+        log.info("%s tokens from cache %s", key["kind"], path)
+        return cached
+    result = compute()
+    _cache_save(path, key_json, result)
+    return result
