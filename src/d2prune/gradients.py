@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .errors import UserError
 from .pipeline import (
-    _calibration_batches,
-    _move_outside_stack,
-    _restore_outside_stack,
-    _to_device,
+    calibration_batches,
+    move_outside_stack,
+    restore_outside_stack,
+    to_device,
     capture_layer_inputs,
 )
 
@@ -77,7 +77,7 @@ def gradient_norms(
     """
     device = _normalize(torch.device(device))
     stack = find_decoder_stack(model)
-    windows = _single_windows(_calibration_batches(batches, 1))
+    windows = _single_windows(calibration_batches(batches, 1))
     layer_linears = [
         {f"{stack.path}.{i}.{name}": lin for name, lin in find_linears(layer).items()}
         for i, layer in enumerate(stack.layers)
@@ -139,7 +139,7 @@ def _whole_model(model, linears, windows, device, sums_device, scale, progress) 
     try:
         sums = [torch.zeros(w.shape, dtype=torch.float32, device=sums_device) for w in weights]
         for window in tqdm(windows, desc="gradients", disable=not progress):
-            loss = _loss(model, _to_device(window, device))
+            loss = _loss(model, to_device(window, device))
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for total, grad in zip(sums, grads):
                 _accumulate(total, grad, scale)
@@ -242,7 +242,7 @@ def _head_gradients(model, stack, windows, last_hidden, device, template) -> tor
     stubs = [_Stub(layer, template) for layer in originals]
     for i, stub in enumerate(stubs):
         stack.layers[i] = stub
-    previous = _move_outside_stack(model, stack, device)
+    previous = move_outside_stack(model, stack, device)
     grads = torch.empty_like(last_hidden)
     try:
         for k, window in enumerate(windows):
@@ -250,7 +250,7 @@ def _head_gradients(model, stack, windows, last_hidden, device, template) -> tor
             stubs[0].inject = hidden
             for stub in stubs:
                 stub.calls = 0
-            loss = _loss(model, _to_device(window, device))
+            loss = _loss(model, to_device(window, device))
             if any(stub.calls != 1 for stub in stubs):
                 raise UserError(
                     f"{type(model).__name__} does not call each {stack.layer_class} once per forward pass; "
@@ -260,7 +260,7 @@ def _head_gradients(model, stack, windows, last_hidden, device, template) -> tor
     finally:
         for i, layer in enumerate(originals):
             stack.layers[i] = layer
-        _restore_outside_stack(previous)
+        restore_outside_stack(previous)
     return grads
 
 
@@ -336,7 +336,7 @@ def _move(module: nn.Module, device: torch.device) -> dict:
     return previous
 
 
-_restore = _restore_outside_stack
+_restore = restore_outside_stack
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def gradient_cache_key(model: nn.Module, batches: Any, scale: float = 100.0) -> 
         digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(f"scale={scale!r}".encode())
     windows = 0
-    for batch in _calibration_batches(batches, 1):
+    for batch in calibration_batches(batches, 1):
         windows += batch["input_ids"].shape[0]
         for key in ("input_ids", "attention_mask"):
             if key in batch:
@@ -406,7 +406,7 @@ def attach_gradients(
     if getattr(method, "gradients", None) is not None:
         return method
     source = getattr(method, "gradient_source", None)
-    batches = _calibration_batches(source if source is not None else batches, 1)
+    batches = calibration_batches(source if source is not None else batches, 1)
     cache = getattr(method, "gradient_cache", None)
     key = gradient_cache_key(model, batches) if cache else None
     grads, origin = None, "cache"

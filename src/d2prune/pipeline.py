@@ -53,13 +53,13 @@ class _Catcher(nn.Module):
             return getattr(self._modules["layer"], name)
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -79,10 +79,10 @@ def _same(a: Any, b: Any) -> bool:
     return a == b if type(a) is type(b) else False
 
 
-def _move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.device | None) -> dict:
+def move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.device | None) -> dict:
     """Move every parameter and buffer outside the decoder stack to ``device``.
 
-    Returns their previous devices so ``_restore_outside_stack`` can put them back.
+    Returns their previous devices so ``restore_outside_stack`` can put them back.
     """
     prefix = stack.path + "."
     previous: dict[int, tuple[torch.Tensor, torch.device]] = {}
@@ -99,12 +99,12 @@ def _move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.dev
     return previous
 
 
-def _restore_outside_stack(previous: dict) -> None:
+def restore_outside_stack(previous: dict) -> None:
     for tensor, device in previous.values():
         tensor.data = tensor.data.to(device)
 
 
-def _calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Normalize the calibration data to a list of model-input dicts with ``input_ids``."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2:
@@ -140,13 +140,13 @@ def capture_layer_inputs(
     """
     catcher = _Catcher(stack.layers[0])
     stack.layers[0] = catcher
-    previous = _move_outside_stack(model, stack, device)
+    previous = move_outside_stack(model, stack, device)
     hidden_list: list[torch.Tensor] = []
     extras: list[tuple[tuple, dict]] = []
     try:
         for batch in batches:
             try:
-                model(**_to_device(batch, device), use_cache=False)
+                model(**to_device(batch, device), use_cache=False)
             except _Stop:
                 pass
             else:
@@ -165,7 +165,7 @@ def capture_layer_inputs(
             extras.append(extra)
     finally:
         stack.layers[0] = catcher.layer
-        _restore_outside_stack(previous)
+        restore_outside_stack(previous)
     return torch.cat(hidden_list), extras
 
 
@@ -240,7 +240,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
 
     was_training = model.training
     model.eval()
-    batches = _calibration_batches(calibration, config.batch_size)
+    batches = calibration_batches(calibration, config.batch_size)
     if method.needs_gradients:
         from .gradients import attach_gradients
 
