@@ -427,3 +427,50 @@ def test_real_model_sparsegpt_error_below_magnitude(real_model_runs):
 
     assert mean_error("sparsegpt") < mean_error("magnitude")
     assert mean_error("wanda") < mean_error("magnitude")
+
+
+def test_mixed_attention_types_get_their_own_masks():
+    """Qwen2 with sliding-window layers after the first: each layer must run with its own mask.
+
+    With nothing pruned, the input recorded at the last layer equals the dense model's own."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1,
+    )
+    assert len(set(config.layer_types)) == 2
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    ids = make_calibration_ids(windows=3, tokens=16)
+    seen = {}
+
+    class Recorder(d2prune.methods.base.LinearPruner):
+        def observe(self, x, y):
+            seen.setdefault(self.path, []).append(x.clone())
+
+        def prune(self, weight, target, gram):
+            return weight.float().clone()
+
+    @dataclass
+    class RecordingConfig(MethodConfig):
+        name = "test-recording-mixed"
+
+        def make_pruner(self, name, weight, path=""):
+            p = Recorder(name, weight)
+            p.path = path
+            return p
+
+    d2prune.methods.register(RecordingConfig)
+    try:
+        d2prune.prune(model, ids, d2prune.PruneConfig(method="test-recording-mixed", sparsity=0.0, batch_size=2, progress=False))
+    finally:
+        d2prune.METHODS.pop("test-recording-mixed")
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for k in range(3):
+        layer = model.model.layers[k]
+        expected = layer.input_layernorm(hidden[k])
+        got = torch.cat(seen[f"model.layers.{k}.self_attn.q_proj"])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -20,14 +20,16 @@ def outlier_ratios(model, batches: list[dict], m: float, device: torch.device, p
 
     Each layer sees the dense outputs of the layers before it (nothing is pruned here).
     """
-    from .pipeline import capture_layer_inputs, run_layer
+    from .pipeline import capture_inputs_and_arguments, run_layer
 
     stack = find_decoder_stack(model)
-    inps, extras = capture_layer_inputs(model, stack, batches, device)
+    inps, layer_extras = capture_inputs_and_arguments(model, stack, batches, device)
     sizes = [b["input_ids"].shape[0] for b in batches]
     outs = torch.empty_like(inps)
     ratios = []
-    for layer in tqdm(stack.layers, desc="OWL outlier ratios", disable=not progress):
+    for layer, extras in tqdm(
+        zip(stack.layers, layer_extras), total=len(layer_extras), desc="OWL outlier ratios", disable=not progress
+    ):
         home = next(layer.parameters()).device
         layer.to(device)
         linears = find_linears(layer)

@@ -30,11 +30,13 @@ class _Stop(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: stores its inputs and stops the forward pass."""
+    """Stands in for a decoder layer: stores its inputs, then stops the forward pass (or, with
+    ``passthrough``, hands its input on unchanged so later layers' arguments can be recorded)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, passthrough: bool = False):
         super().__init__()
         self.layer = layer
+        self.passthrough = passthrough
         self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -43,6 +45,8 @@ class _Catcher(nn.Module):
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
         self.calls.append((hidden, rest, kwargs))
+        if self.passthrough:
+            return hidden
         raise _Stop
 
     def __getattr__(self, name: str) -> Any:
@@ -152,21 +156,66 @@ def capture_layer_inputs(
             else:
                 raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer 0")
             hidden, rest, kwargs = catcher.calls.pop()
-            for key in _CACHE_KWARGS:
-                if key in kwargs:
-                    kwargs[key] = None
-            if "use_cache" in kwargs:
-                kwargs["use_cache"] = False
-            extra = (rest, kwargs)
-            # Equal extras (the usual case: same window length) are stored once.
-            if extras and _same(extras[-1], extra):
-                extra = extras[-1]
             hidden_list.append(hidden)
-            extras.append(extra)
+            extras.append(_layer_extra(rest, kwargs, extras))
     finally:
         stack.layers[0] = catcher.layer
         restore_outside_stack(previous)
     return torch.cat(hidden_list), extras
+
+
+def _layer_extra(rest: tuple, kwargs: dict, seen: list) -> tuple[tuple, dict]:
+    """A layer call's arguments with the KV cache off; an equal earlier one is reused (stored once)."""
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    extra = (rest, kwargs)
+    return next((old for old in seen[-4:] if _same(old, extra)), extra)
+
+
+def _mixed_layer_types(model: nn.Module) -> bool:
+    return len(set(getattr(model.config, "layer_types", None) or [])) > 1
+
+
+@torch.no_grad()
+def capture_inputs_and_arguments(
+    model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, list[list[tuple[tuple, dict]]]]:
+    """Layer-0 hidden states and, per decoder layer, per batch, the other arguments it receives.
+
+    Most models give every layer the same arguments. Models that mix attention types across layers
+    (``config.layer_types``: sliding-window and full attention) give each type its own mask, so for
+    them every layer's arguments are recorded in a pass where each layer hands its input on unchanged.
+    """
+    inps, extras = capture_layer_inputs(model, stack, batches, device)
+    num_layers = len(stack.layers)
+    if not _mixed_layer_types(model):
+        return inps, [extras] * num_layers
+    catchers = [_Catcher(layer, passthrough=i < num_layers - 1) for i, layer in enumerate(stack.layers)]
+    for i, catcher in enumerate(catchers):
+        stack.layers[i] = catcher
+    previous = move_outside_stack(model, stack, device)
+    per_layer: list[list[tuple[tuple, dict]]] = [[] for _ in range(num_layers)]
+    seen: list = []
+    try:
+        for batch in batches:
+            try:
+                model(**to_device(batch, device), use_cache=False)
+            except _Stop:
+                pass
+            for i, catcher in enumerate(catchers):
+                _, rest, kwargs = catcher.calls.pop()
+                extra = _layer_extra(rest, kwargs, seen)
+                if not any(extra is old for old in seen):
+                    seen.append(extra)
+                per_layer[i].append(extra)
+    finally:
+        for i, catcher in enumerate(catchers):
+            stack.layers[i] = catcher.layer
+        restore_outside_stack(previous)
+    return inps, per_layer
 
 
 class _LayerStats:
@@ -260,7 +309,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     report.layer_sparsities = [t.sparsity for t in targets]
 
     t0 = time.perf_counter()
-    inps, extras = capture_layer_inputs(model, stack, batches, device)
+    inps, layer_extras = capture_inputs_and_arguments(model, stack, batches, device)
     sizes = [b["input_ids"].shape[0] for b in batches]
     timings["capture"] = time.perf_counter() - t0
     report.nsamples, report.seqlen = inps.shape[0], inps.shape[1]
@@ -282,7 +331,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
             t0 = time.perf_counter()
             stats = _LayerStats(linears, pruners, gram_names)
             try:
-                run_layer(layer, inps, extras, sizes, None, stats)
+                run_layer(layer, inps, layer_extras[index], sizes, None, stats)
             finally:
                 stats.remove()
             timings["statistics"] += time.perf_counter() - t0
@@ -314,7 +363,7 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
             timings["prune"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            run_layer(layer, inps, extras, sizes, outs)
+            run_layer(layer, inps, layer_extras[index], sizes, outs)
             timings["pruned_forward"] += time.perf_counter() - t0
             layer.to(home)
             inps, outs = outs, inps
