@@ -227,6 +227,10 @@ def _run_attention(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.command == "attention":
         return _run_attention(args)
     from .data import default_data_dir
