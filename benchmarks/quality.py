@@ -128,9 +128,13 @@ def write_table(rows: list[dict]) -> None:
         f"{r['name']} {r['achieved']:.4f}" for r in rows if r["method"] != "dense"
     )]
     table = "\n".join(lines)
-    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    begin, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-    README.write_text(text[:begin] + "\n" + table + "\n" + text[end:])
+    # The table goes into benchmarks/README.md and, where it has the markers, the project README.
+    for readme in (README, ROOT / "README.md"):
+        text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
+        if MARK_BEGIN not in text:
+            continue
+        begin, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+        readme.write_text(text[:begin] + "\n" + table + "\n" + text[end:])
 
 
 def main() -> None:
@@ -144,7 +148,11 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--force", action="store_true", help="rerun runs already in the results file")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the results file")
     args = ap.parse_args()
+    if args.table_only:
+        write_table(json.loads(RESULTS.read_text()))
+        return
     args.methods = args.methods or SUITES[args.suite][0]
     args.settings = args.settings or SUITES[args.suite][1]
 
