@@ -217,6 +217,17 @@ def _zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
     return result
 
 
+def _evaluate_all(model, tokenizer, args, label: str, ppl: dict, record: dict, timings: dict) -> None:
+    """Perplexity on every --eval set, then zero-shot accuracy if asked; timings per phase."""
+    t0 = time.perf_counter()
+    _evaluate(model, tokenizer, args, label, ppl)
+    timings["eval" if label == "model" else f"eval_{label}"] = time.perf_counter() - t0
+    if args.zero_shot:
+        t0 = time.perf_counter()
+        record["zero_shot"] = _zero_shot(model, tokenizer, args)
+        timings["zero_shot"] = time.perf_counter() - t0
+
+
 def _sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
     from .data import source_info
 
@@ -297,13 +308,7 @@ def _run(args: argparse.Namespace) -> int:
     timings["load"] = time.perf_counter() - t0
 
     if args.command == "eval":
-        t0 = time.perf_counter()
-        _evaluate(model, tokenizer, args, "model", ppl)
-        timings["eval"] = time.perf_counter() - t0
-        if args.zero_shot:
-            t0 = time.perf_counter()
-            record["zero_shot"] = _zero_shot(model, tokenizer, args)
-            timings["zero_shot"] = time.perf_counter() - t0
+        _evaluate_all(model, tokenizer, args, "model", ppl, record, timings)
         record.update(perplexity=ppl, timings=timings, sources=_sources(args, None), seqlen=args.seqlen)
         rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]} for k, v in ppl.get("model", {}).items()]
         if rows:
@@ -350,13 +355,7 @@ def _run(args: argparse.Namespace) -> int:
         report = prune(model, calibration, config)
     timings["prune"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    _evaluate(model, tokenizer, args, "pruned", ppl)
-    timings["eval_pruned"] = time.perf_counter() - t0
-    if args.zero_shot:
-        t0 = time.perf_counter()
-        record["zero_shot"] = _zero_shot(model, tokenizer, args)
-        timings["zero_shot"] = time.perf_counter() - t0
+    _evaluate_all(model, tokenizer, args, "pruned", ppl, record, timings)
 
     record.update(
         config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,

@@ -133,6 +133,33 @@ def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, tor
     return batches
 
 
+def _record_layer_calls(
+    model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device, upto: int
+) -> list[list[tuple[torch.Tensor, tuple, dict]]]:
+    """Run every batch through the model with decoder layers 0..upto replaced by catchers; returns,
+    per batch, each of those layers' (hidden states, positional args, keyword args). Layers before
+    ``upto`` hand their input on unchanged; layer ``upto`` stops the forward pass."""
+    catchers = [_Catcher(stack.layers[i], passthrough=i < upto) for i in range(upto + 1)]
+    for i, catcher in enumerate(catchers):
+        stack.layers[i] = catcher
+    previous = move_outside_stack(model, stack, device)
+    calls = []
+    try:
+        for batch in batches:
+            try:
+                model(**to_device(batch, device), use_cache=False)
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer {upto}")
+            calls.append([catcher.calls.pop() for catcher in catchers])
+    finally:
+        for i, catcher in enumerate(catchers):
+            stack.layers[i] = catcher.layer
+        restore_outside_stack(previous)
+    return calls
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device
@@ -142,25 +169,11 @@ def capture_layer_inputs(
     Returns the hidden states (windows, tokens, hidden) in the model dtype, and per batch the other
     positional and keyword arguments the layer receives (masks, positions, rotary embeddings).
     """
-    catcher = _Catcher(stack.layers[0])
-    stack.layers[0] = catcher
-    previous = move_outside_stack(model, stack, device)
-    hidden_list: list[torch.Tensor] = []
     extras: list[tuple[tuple, dict]] = []
-    try:
-        for batch in batches:
-            try:
-                model(**to_device(batch, device), use_cache=False)
-            except _Stop:
-                pass
-            else:
-                raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer 0")
-            hidden, rest, kwargs = catcher.calls.pop()
-            hidden_list.append(hidden)
-            extras.append(_layer_extra(rest, kwargs, extras))
-    finally:
-        stack.layers[0] = catcher.layer
-        restore_outside_stack(previous)
+    hidden_list = []
+    for [(hidden, rest, kwargs)] in _record_layer_calls(model, stack, batches, device, upto=0):
+        hidden_list.append(hidden)
+        extras.append(_layer_extra(rest, kwargs, extras))
     return torch.cat(hidden_list), extras
 
 
@@ -193,28 +206,14 @@ def capture_inputs_and_arguments(
     num_layers = len(stack.layers)
     if not _mixed_layer_types(model):
         return inps, [extras] * num_layers
-    catchers = [_Catcher(layer, passthrough=i < num_layers - 1) for i, layer in enumerate(stack.layers)]
-    for i, catcher in enumerate(catchers):
-        stack.layers[i] = catcher
-    previous = move_outside_stack(model, stack, device)
     per_layer: list[list[tuple[tuple, dict]]] = [[] for _ in range(num_layers)]
     seen: list = []
-    try:
-        for batch in batches:
-            try:
-                model(**to_device(batch, device), use_cache=False)
-            except _Stop:
-                pass
-            for i, catcher in enumerate(catchers):
-                _, rest, kwargs = catcher.calls.pop()
-                extra = _layer_extra(rest, kwargs, seen)
-                if not any(extra is old for old in seen):
-                    seen.append(extra)
-                per_layer[i].append(extra)
-    finally:
-        for i, catcher in enumerate(catchers):
-            stack.layers[i] = catcher.layer
-        restore_outside_stack(previous)
+    for layer_calls in _record_layer_calls(model, stack, batches, device, upto=num_layers - 1):
+        for i, (_, rest, kwargs) in enumerate(layer_calls):
+            extra = _layer_extra(rest, kwargs, seen)
+            if not any(extra is old for old in seen):
+                seen.append(extra)
+            per_layer[i].append(extra)
     return inps, per_layer
 
 
