@@ -235,6 +235,19 @@ def _data_files_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and _has_suffix(p, _DATA_FILE_SUFFIXES))
 
 
+def parse_json_lines(lines, path: Path) -> list:
+    """One JSON value per non-blank line; a bad line is a UserError naming ``path:line``."""
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+    return records
+
+
 def _read_json_texts(path: Path, column: str = "text") -> list[str]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -246,14 +259,7 @@ def _read_json_texts(path: Path, column: str = "text") -> list[str]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
     else:
-        records = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+        records = parse_json_lines(content.splitlines(), path)
     texts = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or column not in rec:

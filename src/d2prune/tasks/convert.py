@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from d2prune.data import parse_json_lines
 from d2prune.errors import UserError
 
 
@@ -92,16 +93,8 @@ def check_files(data_dir: str | Path, name: str) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
-    return rows
+        return parse_json_lines(fh, path)
 
 
 def _read_labels(path: Path, n: int) -> list[str]:
