@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "quality_smollm2.json"
-README = ROOT / "benchmarks" / "README.md"
+from common import BENCH_README as README
+from common import RESULTS_DIR, ROOT, load_results, run_d2prune, save_results, shown, write_between_markers
+
+RESULTS = RESULTS_DIR / "quality_smollm2.json"
 RUNS = ROOT / "runs" / "quality"
 MARK_BEGIN = "<!-- quality-table:begin -->"
 MARK_END = "<!-- quality-table:end -->"
@@ -47,23 +42,6 @@ SUITES = {
     "extended": (["pruner-zero", "owl-wanda", "owl-sparsegpt", "owl-d2prune", "d2prune-auto"],
                  ["0.5", "0.6", "0.7", "0.8", "2:4"]),
 }
-
-
-def run(name: str, args: list[str], out_dir: Path) -> dict:
-    """Run one d2prune command; return its run record plus wall time and peak RSS."""
-    d2prune = Path(sys.executable).parent / "d2prune"
-    cmd = [str(d2prune), *args, "--output-dir", str(out_dir), "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{name} failed:\n{output}")
-    record = json.loads((out_dir / "run.json").read_text())
-    shown = " ".join(shlex.quote(a) for a in ["d2prune", *args])
-    return {"name": name, "command": shown, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "record": record}
 
 
 def summarize(result: dict) -> dict:
@@ -129,12 +107,8 @@ def write_table(rows: list[dict]) -> None:
     )]
     table = "\n".join(lines)
     # The table goes into benchmarks/README.md and, where it has the markers, the project README.
-    for readme in (README, ROOT / "README.md"):
-        text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
-        if MARK_BEGIN not in text:
-            continue
-        begin, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-        readme.write_text(text[:begin] + "\n" + table + "\n" + text[end:])
+    write_between_markers(README, MARK_BEGIN, MARK_END, table, heading="Quality (`benchmarks/quality.py`)")
+    write_between_markers(ROOT / "README.md", MARK_BEGIN, MARK_END, table)
 
 
 def main() -> None:
@@ -165,18 +139,16 @@ def main() -> None:
             jobs.append((f"{m}-{s}", ["prune", args.model, *METHODS[m], *setting_args(s),
                                       "--nsamples", str(args.nsamples), "--calib", "c4", "--seed", "0", *common]))
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    results = load_results(RESULTS)
     for name, cmd in jobs:
-        shown = " ".join(shlex.quote(a) for a in ["d2prune", *cmd])
-        if not args.force and any(r["command"] == shown for r in results):
+        if not args.force and any(r["command"] == shown(cmd) for r in results):
             print(f"skip {name} (already measured)")
             continue
-        res = summarize(run(name, cmd, RUNS / name))
+        res = summarize(run_d2prune(name, cmd, RUNS / name))
         print(f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s  "
               f"rss {res['peak_rss_mb']:.0f}MB", flush=True)
         results = [r for r in results if r["name"] != name] + [res]
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        save_results(RESULTS, results)
         write_table(results)
     write_table(results)
 
