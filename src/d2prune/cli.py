@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("d2prune: interrupted; no run record or model was written for this run", file=sys.stderr)
+        if args.command == "finetune" and args.save_steps:
+            print(f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
+                  file=sys.stderr)
         return 130
 
 

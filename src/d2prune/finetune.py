@@ -364,9 +364,13 @@ def _save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], o
 def _load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, key: dict) -> dict:
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
-    if state.get("key") != key:
-        diff = sorted(k for k in set(key) | set(state.get("key") or {}) if key.get(k) != (state.get("key") or {}).get(k))
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot resume from {path}: its state.json is damaged ({exc})") from None
+    if not isinstance(state, dict) or state.get("key") != key:
+        theirs = (state.get("key") or {}) if isinstance(state, dict) else {}
+        diff = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
         raise UserError(f"cannot resume from {path}: it was made by a different run (differs in {', '.join(diff)})")
     tensors = load_file(str(path / "adapter.safetensors"))
     if set(tensors) != set(params):
