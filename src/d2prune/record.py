@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("d2prune", "torch", "transformers", "datasets", "safetensors", "accelerate", "tokenizers", "numpy")
+PACKAGES = ("d2prune", "torch", "transformers", "datasets", "safetensors", "accelerate", "tokenizers", "numpy", "peft")
 
 
 def package_versions() -> dict[str, str | None]:
