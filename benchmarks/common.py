@@ -58,8 +58,11 @@ def load_results(path: Path) -> list[dict]:
 
 
 def save_results(path: Path, rows: list[dict]) -> None:
+    """Write atomically: an interrupted benchmark never leaves a truncated results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 QUICK_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--calib", "c4", "--seed", "0"]

@@ -20,20 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 from pathlib import Path
 
-from quality import METHODS, ROOT, run, setting_args
+from common import BENCH_README as README
+from common import RESULTS_DIR, ROOT, run_d2prune, save_results, shown, write_between_markers
+from quality import METHODS, setting_args
 
-RESULTS = ROOT / "benchmarks" / "results" / "lora_smollm2.json"
-README = ROOT / "benchmarks" / "README.md"
+RESULTS = RESULTS_DIR / "lora_smollm2.json"
 RUNS = Path("runs") / "lora"  # relative to the project root, so the recorded commands are short
 MARK_BEGIN = "<!-- lora-table:begin -->"
 MARK_END = "<!-- lora-table:end -->"
-
-
-def shown(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in ["d2prune", *args])
 
 
 def prune_args(a: argparse.Namespace, setting: str, model_dir: Path) -> list[str]:
@@ -99,12 +95,8 @@ def write_table(rows: list[dict], readme: Path) -> None:
             f"| {r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['train_s']:.0f} | {r['finetune_wall_s']:.0f} "
             f"| {same} ({r['sparsity_after']:.4f}) |"
         )
-    table = "\n".join(lines)
-    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    if MARK_BEGIN not in text:
-        raise SystemExit(f"{readme} has no {MARK_BEGIN} marker")
-    begin, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-    readme.write_text(text[:begin] + "\n" + table + "\n" + text[end:])
+    write_between_markers(readme, MARK_BEGIN, MARK_END, "\n".join(lines),
+                          heading="LoRA recovery (`benchmarks/lora.py`)")
 
 
 def main() -> None:
@@ -157,19 +149,16 @@ def main() -> None:
                 pruned = {"command": shown(p_args), "wall_s": previous["wall_s"], "record": previous}
                 print(f"[{setting}] reusing the pruned model in {model_dir}")
         if pruned is None:
-            pruned = run(f"prune-{setting}", p_args, base / "prune")
+            pruned = run_d2prune(f"prune-{setting}", p_args, base / "prune")
             prune_record.write_text(json.dumps({**pruned["record"], "pruned_by": shown(p_args),
                                                 "wall_s": pruned["wall_s"]}, indent=2) + "\n")
-        tuned = run(f"finetune-{setting}", f_args, tuned_dir)
+        tuned = run_d2prune(f"finetune-{setting}", f_args, tuned_dir)
         row = summarize(setting, pruned, tuned)
         print(f"[{setting}] ppl {row['ppl_pruned']:.2f} -> {row['ppl_finetuned']:.2f} after {row['steps']} steps "
               f"({row['tokens_seen']:,} tokens, {row['train_s']:.0f} s); zeros {row['zeros_before']} -> "
               f"{row['zeros_after']}", flush=True)
         results = [r for r in results if r["command"] != row["command"]] + [row]
-        a.results.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.results.with_name(f".{a.results.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, a.results)
+        save_results(a.results, results)
         write_table(results, a.readme)
     if results and not a.dry_run:
         write_table(results, a.readme)
