@@ -14,7 +14,6 @@ Pure Python: no lm-eval, torch or datasets import, so the converters can be chec
 from __future__ import annotations
 
 import bz2
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
