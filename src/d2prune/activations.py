@@ -151,3 +151,7 @@ class Activations:
             else:
                 for f in FILES:
                     (self.folder / f).unlink(missing_ok=True)
+                try:
+                    self.folder.rmdir()  # only if nothing else lives there
+                except OSError:
+                    pass

@@ -308,6 +308,10 @@ def _run(args: argparse.Namespace) -> int:
         args.output_dir, args.offload = args.resume, "disk"
     offload = resolve_offload(args.offload, args.model, args.dtype, args.offload_threshold)
     streamed = offload["weights"] == "disk"
+    if streamed:
+        from .offload import limit_heap_retention
+
+        limit_heap_retention()  # before the calibration data and the layers come and go
     if args.seqlen < 2:
         raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
     args.data_dir_path = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -329,6 +333,8 @@ def _run(args: argparse.Namespace) -> int:
             sparsity_profile=args.sparsity_profile, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
             layer_sparsities=_layer_sparsities(args.layer_sparsities), activation_offload=args.activation_offload,
             offload_threshold=args.offload_threshold,
+            # Next to the output rather than in /tmp, which is often a RAM disk.
+            activation_dir=str(output_dir / ".activations") if output_dir else None,
         )
         args.auto_target = _target_layers(args.target_layers) == ["auto"]
         if args.auto_target and config.method.name != "d2prune":

@@ -21,6 +21,7 @@ Testing aid: with the environment variable ``D2PRUNE_KILL_AFTER_LAYER=k`` the pr
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import json
 import os
@@ -61,6 +62,19 @@ _ST_DTYPES = {
 # (tokenizer, generation config, chat template, licence) is copied to the output as is.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _NOT_COPIED = {INDEX_FILE, "pytorch_model.bin.index.json", "config.json", "sparsity.json", PROGRESS_FILE}
+
+
+def limit_heap_retention(threshold: int = 4 << 20) -> None:
+    """Have glibc serve blocks of ``threshold`` bytes and more straight from the OS and return them
+    on free. By default its threshold grows to the size of freed blocks (up to 32 MiB), after which
+    each layer's tensors come from the heap, which fragments and keeps growing layer after layer
+    (measured: +28 MiB per 0.25B-model layer, none with this). No-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (setting it also stops the growth)
+        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD: back to glibc's default, which the growth raised
+    except (OSError, AttributeError):
+        pass
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -214,6 +228,7 @@ class StreamedModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        limit_heap_retention()
         self.folder = Path(folder).expanduser()
         if not is_streamable(self.folder):
             raise UserError(f"{self.folder} is not a model folder with config.json and safetensors weights")
@@ -506,6 +521,7 @@ class StreamedStore(StreamingLayers):
         report.outlier_ratios = saved["outlier_ratios"]
         report.timings = dict(saved["timings"])
         report.resumed_at_layer = progress["next_layer"]
+        report.activations = progress["activations"]
         self.weight_map = dict(progress["weight_map"])
         self._rng = progress["rng"]
         return progress["next_layer"]

@@ -490,12 +490,15 @@ def _prune_layer(
     for name, lin in linears.items():
         t_lin = time.perf_counter()
         old = lin.weight.data.float().clone() if config.measure_error else None
-        new = pruners[name].prune(lin.weight.data, target, stats.grams.get(name))
+        # Popped, so each Gram (c×c floats) is freed as soon as the last linear reading it is done.
+        pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
+        new = pruner.prune(lin.weight.data, target, gram)
         lin.weight.data.copy_(new.to(lin.weight.dtype))
+        del new
         zeros = int((lin.weight.data == 0).sum())
         report.zeros += zeros
         report.weights += lin.weight.numel()
-        error = _relative_error(old, lin.weight.data.float(), stats.grams[name]) if config.measure_error else None
+        error = _relative_error(old, lin.weight.data.float(), gram) if config.measure_error else None
         nm = target.pattern
         report.linears.append(
             LinearReport(
@@ -505,10 +508,11 @@ def _prune_layer(
                 sparsity=zeros / lin.weight.numel(),
                 relative_error=error,
                 nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
-                weight_update=pruners[name].updates_weights,
+                weight_update=pruner.updates_weights,
                 seconds=time.perf_counter() - t_lin,
             )
         )
+        del pruner, gram, old
     del stats, pruners
     timings["prune"] += time.perf_counter() - t0
 
