@@ -20,11 +20,12 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import Launcher, replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "memory.json"
@@ -101,33 +102,30 @@ def write_checkpoint(size: str, folder: Path, seed: int = 0) -> dict:
     }
 
 
-def run_prune(ckpt: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One ``d2prune prune --offload disk`` subprocess: wall time, peak RSS and its run record."""
+def run_prune(ckpt: Path, out: Path, args: argparse.Namespace, launcher: Launcher) -> dict:
+    """One ``d2prune prune --offload disk`` process: wall time, peak RSS and its run record."""
     cmd = [
-        sys.executable, "-m", "d2prune", "prune", str(ckpt), "--method", args.method, "--sparsity", "0.5", "--offload", "disk",
-        "--activation-offload", args.activation_offload, "--dtype", args.dtype, "--nsamples", str(args.nsamples),
-        "--seqlen", str(args.seqlen), "--calib", "c4", "--seed", "0", "--eval", "none", "--no-measure-error",
-        "--output-dir", str(out), "--no-progress",
+        sys.executable, "-m", "d2prune", "prune", str(ckpt), "--method", args.method, "--sparsity", "0.5",
+        "--offload", "disk", "--activation-offload", args.activation_offload, "--dtype", args.dtype,
+        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib", "c4", "--seed", "0",
+        "--eval", "none", "--no-measure-error", "--output-dir", str(out), "--no-progress",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{ckpt.name} failed:\n{output}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    res = launcher.run(cmd, env)
+    if res["returncode"] != 0:
+        raise SystemExit(f"{ckpt.name} failed:\n{res['output']}")
     record = json.loads((out / "run.json").read_text())
     shown = " ".join(shlex.quote(a) for a in ["d2prune", *cmd[3:]]).replace(str(ckpt), "CKPT").replace(str(out), "OUT")
     return {
-        "command": shown, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "command": shown, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
         "activation_bytes": record["activations"]["bytes"], "activation_storage": record["activations"]["storage"],
         "prune_timings": record["prune_timings"], "overall_sparsity": record["overall_sparsity"],
         "output_bytes": sum(p.stat().st_size for p in (out / "model").glob("*.safetensors")),
     }
 
 
-def measure(size: str, args: argparse.Namespace, workdir: Path) -> dict:
+def measure(size: str, args: argparse.Namespace, workdir: Path, launcher: Launcher) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"memory-{size}-", dir=workdir))
     try:
         t0 = time.perf_counter()
@@ -135,7 +133,7 @@ def measure(size: str, args: argparse.Namespace, workdir: Path) -> dict:
         info["write_s"] = time.perf_counter() - t0
         print(f"{size}: {info['params'] / 1e9:.3f}B params, checkpoint {info['checkpoint_bytes'] / 2**30:.2f} GiB "
               f"({info['write_s']:.0f} s to write); pruning ...", flush=True)
-        result = run_prune(folder / "ckpt", folder / "out", args)
+        result = run_prune(folder / "ckpt", folder / "out", args, launcher)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     bound = info["checkpoint_bytes"] / 2 + result["activation_bytes"]
@@ -165,17 +163,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = README.read_text()
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in readme:
-        head, rest = readme.split(MARK_BEGIN, 1)
-        readme = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        readme = readme.rstrip() + "\n\n" + block + "\n"
-    README.write_text(readme)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["tiny", "0.25B", "0.5B", "1B", "2B"], choices=list(SIZES))
@@ -190,6 +177,7 @@ def main() -> None:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-readme", action="store_true", help="do not touch benchmarks/README.md")
     args = p.parse_args()
+    launcher = Launcher()  # before this process grows (see measure.py)
 
     import platform
 
@@ -202,13 +190,14 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]), "runs": [],
     }
     for size in args.sizes:
-        results["runs"].append(measure(size, args, workdir))
+        results["runs"].append(measure(size, args, workdir, launcher))
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
+    launcher.close()
     text = table(results)
     print(text)
     if not args.no_readme:
-        update_readme(text)
+        replace_block(README, MARK_BEGIN, MARK_END, text)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from measure import Launcher, replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality_smollm2.json"
@@ -28,6 +28,7 @@ README = ROOT / "benchmarks" / "README.md"
 RUNS = ROOT / "runs" / "quality"
 MARK_BEGIN = "<!-- quality-table:begin -->"
 MARK_END = "<!-- quality-table:end -->"
+_launcher: Launcher | None = None
 
 # name -> extra CLI arguments; D²Prune leaves v_proj un-updated, the paper's choice for LLaMA models.
 METHODS = {
@@ -51,19 +52,17 @@ SUITES = {
 
 def run(name: str, args: list[str], out_dir: Path) -> dict:
     """Run one d2prune command; return its run record plus wall time and peak RSS."""
+    global _launcher
+    _launcher = _launcher or Launcher()
     d2prune = Path(sys.executable).parent / "d2prune"
     cmd = [str(d2prune), *args, "--output-dir", str(out_dir), "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{name} failed:\n{output}")
+    res = _launcher.run(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    if res["returncode"] != 0:
+        raise SystemExit(f"{name} failed:\n{res['output']}")
     record = json.loads((out_dir / "run.json").read_text())
     shown = " ".join(shlex.quote(a) for a in ["d2prune", *args])
-    return {"name": name, "command": shown, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "record": record}
+    return {"name": name, "command": shown, "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
+            "record": record}
 
 
 def summarize(result: dict) -> dict:
@@ -130,11 +129,7 @@ def write_table(rows: list[dict]) -> None:
     table = "\n".join(lines)
     # The table goes into benchmarks/README.md and, where it has the markers, the project README.
     for readme in (README, ROOT / "README.md"):
-        text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
-        if MARK_BEGIN not in text:
-            continue
-        begin, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-        readme.write_text(text[:begin] + "\n" + table + "\n" + text[end:])
+        replace_block(readme, MARK_BEGIN, MARK_END, table, append=readme == README)
 
 
 def main() -> None:

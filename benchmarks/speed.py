@@ -35,7 +35,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, dtype="float32")
     ids = load_file(args.calib)["input_ids"]
     t1 = time.perf_counter()
-    config = d2prune.PruneConfig(method=args.method, sparsity=0.5, measure_error=False, progress=False)
+    config = d2prune.PruneConfig(method=args.method, sparsity=0.5, measure_error=False, progress=False,
+                                 batch_size=args.batch_size)
     if args.profile_layers:
         _keep_layers(model, args.profile_layers)
         from torch.profiler import ProfilerActivity, profile
@@ -119,7 +119,7 @@ def run_llmc(args: argparse.Namespace) -> dict:
         recipe = WandaPruningModifier(**common)
     oneshot(
         model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=ids.shape[0],
-        max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=1, pipeline="sequential",
+        max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=args.batch_size, pipeline="sequential",
     )
     t2 = time.perf_counter()
     # Plain safetensors + the source config: the result loads with any transformers, no
@@ -139,26 +139,23 @@ def run_llmc(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def subprocess_run(python: Path, engine: str, method: str, args: argparse.Namespace, calib: Path, out: Path,
-                   extra: list[str] | None = None) -> dict:
+def subprocess_run(launcher, python: Path, engine: str, method: str, args: argparse.Namespace, calib: Path,
+                   out: Path, extra: list[str] | None = None) -> dict:
     """One runner process; its own report plus wall time and peak RSS."""
     info = out.with_suffix(".json")
     cmd = [str(python), str(Path(__file__).resolve()), "--run", engine, "--method", method, "--model", str(args.model),
-           "--calib", str(calib), "--out", str(out), "--info", str(info), *(extra or [])]
+           "--calib", str(calib), "--out", str(out), "--info", str(info), "--batch-size", str(args.batch_size),
+           *(extra or [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if engine == "ours":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     else:
         env.pop("PYTHONPATH", None)  # nothing of our environment in theirs
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{engine} {method} failed:\n{output[-5000:]}")
+    res = launcher.run(cmd, env)
+    if res["returncode"] != 0:
+        raise SystemExit(f"{engine} {method} failed:\n{res['output'][-5000:]}")
     shown = " ".join(shlex.quote(c) for c in cmd).replace(str(ROOT) + "/", "")
-    return {"engine": engine, "method": method, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+    return {"engine": engine, "method": method, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
             "command": shown, **json.loads(info.read_text())}
 
 
@@ -202,7 +199,8 @@ def table(results: dict) -> str:
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [
         f"Model `{results['model_name']}`, 50% unstructured, calibration {results['nsamples']}×{results['seqlen']} "
-        f"C4 token ids (seed 0, the same file for both), CPU ({results['machine']}); perplexity by d2prune's "
+        f"C4 token ids (seed 0, the same file for both), batch {results['batch_size']}, CPU ({results['machine']}); "
+        "perplexity by d2prune's "
         f"evaluator on the first {results['eval_windows']} WikiText-2 windows of {results['seqlen']} tokens "
         f"(dense: {results['dense_ppl']:.2f}). Wall = whole process (imports, load, prune, save); prune = the "
         "pruning call alone.",
@@ -230,18 +228,10 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = README.read_text()
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in readme:
-        head, rest = readme.split(MARK_BEGIN, 1)
-        readme = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        readme = readme.rstrip() + "\n\n" + block + "\n"
-    README.write_text(readme)
-
-
 def benchmark(args: argparse.Namespace) -> None:
+    from measure import Launcher, replace_block
+
+    launcher = Launcher()  # before this process loads torch and models (see measure.py)
     import platform
 
     import torch
@@ -265,7 +255,7 @@ def benchmark(args: argparse.Namespace) -> None:
         machine = f"{os.cpu_count()} CPUs, torch {torch.__version__}, {platform.machine()}"
         results = {
             "model_name": args.model_name, "model": str(args.model), "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "eval_windows": args.eval_windows, "dense_ppl": dense_ppl, "machine": machine,
+            "eval_windows": args.eval_windows, "batch_size": args.batch_size, "dense_ppl": dense_ppl, "machine": machine,
             "calibration_sha256": _sha256(calib), "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
             "runs": [], "ratios": {}, "profile": {},
         }
@@ -274,7 +264,7 @@ def benchmark(args: argparse.Namespace) -> None:
             for engine, python in (("ours", Path(sys.executable)), ("llmc", llmc)):
                 out = work / f"{engine}-{method}"
                 print(f"{engine} {method} ...", flush=True)
-                run = subprocess_run(python, engine, method, args, calib, out)
+                run = subprocess_run(launcher, python, engine, method, args, calib, out)
                 run["ppl"] = perplexity(out, args)
                 run["sparsity"] = decoder_sparsity(out)
                 print(f"  wall {run['wall_s']:.1f} s, prune {run['prune_s']:.1f} s, peak RSS "
@@ -289,17 +279,18 @@ def benchmark(args: argparse.Namespace) -> None:
                 "ppl": pair["ours"]["ppl"] / pair["llmc"]["ppl"] - 1,
             }
             if args.profile:
-                prof = subprocess_run(Path(sys.executable), "ours", method, args, calib, work / f"profile-{method}",
-                                      ["--profile-layers", "1"])
+                prof = subprocess_run(launcher, Path(sys.executable), "ours", method, args, calib,
+                                      work / f"profile-{method}", ["--profile-layers", "1"])
                 results["profile"][method] = {"phases_s": prof["phases_s"], "ops": prof["ops"]}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        launcher.close()
     text = table(results)
     print(text)
     if not args.no_readme:
-        update_readme(text)
+        replace_block(README, MARK_BEGIN, MARK_END, text)
 
 
 def _sha256(path: Path) -> str:
@@ -315,6 +306,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward, both engines (default 1)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--llmc-python", default=str(LLMC_PYTHON), help="python of llm-compressor's virtualenv")
     p.add_argument("--workdir", default=None)
