@@ -298,6 +298,20 @@ class _LayerStats:
             handle.remove()
 
 
+class _LastUseGram(Gram):
+    """A Gram read for the last time: its Hessian is made in place, one c×c copy less at the peak
+    of the solve (182 MiB for a 6912-wide down_proj). The sum is gone afterwards, loudly."""
+
+    def __init__(self, gram: Gram):
+        self.sum: torch.Tensor | None = gram.sum
+        self.nsamples = gram.nsamples
+
+    def hessian(self) -> torch.Tensor:
+        h, self.sum = self.sum, None
+        assert h is not None, "a last-use Gram gives its Hessian once"
+        return h.mul_(2.0 / max(self.nsamples, 1))
+
+
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over the calibration inputs, from the Gram: tr(ΔW S ΔWᵀ)/tr(W S Wᵀ)."""
     delta = old - new
@@ -492,6 +506,8 @@ def _prune_layer(
         old = lin.weight.data.float().clone() if config.measure_error else None
         # Popped, so each Gram (c×c floats) is freed as soon as the last linear reading it is done.
         pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
+        if gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values()):
+            gram = _LastUseGram(gram)
         new = pruner.prune(lin.weight.data, target, gram)
         lin.weight.data.copy_(new.to(lin.weight.dtype))
         del new
