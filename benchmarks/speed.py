@@ -103,7 +103,7 @@ def run_llmc(args: argparse.Namespace) -> dict:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-    from safetensors.torch import load_file, save_model
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -123,10 +123,14 @@ def run_llmc(args: argparse.Namespace) -> dict:
     )
     t2 = time.perf_counter()
     # Plain safetensors + the source config: the result loads with any transformers, no
-    # compressed-tensors wrapper in its config.
+    # compressed-tensors wrapper in its config. A tied head is stored once, under the embedding's
+    # name (named_parameters keeps the first), as save_pretrained does.
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    persistent = set(model.state_dict())
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    tensors.update({n: b.detach().contiguous() for n, b in model.named_buffers() if n in persistent})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     for f in Path(args.model).iterdir():
         if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and not f.name.endswith(".index.json"):
             shutil.copyfile(f, out / f.name)
