@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from common import BENCH_README as README
-from common import RESULTS_DIR, ROOT, run_d2prune, save_results, shown, write_between_markers
+from common import RESULTS_DIR, ROOT, load_results, replace_block, run_d2prune, save_results, shown
 from quality import METHODS, setting_args
 
 RESULTS = RESULTS_DIR / "lora_smollm2.json"
@@ -95,8 +95,7 @@ def write_table(rows: list[dict], readme: Path) -> None:
             f"| {r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['train_s']:.0f} | {r['finetune_wall_s']:.0f} "
             f"| {same} ({r['sparsity_after']:.4f}) |"
         )
-    write_between_markers(readme, MARK_BEGIN, MARK_END, "\n".join(lines),
-                          heading="LoRA recovery (`benchmarks/lora.py`)")
+    replace_block(readme, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 
 def main() -> None:
@@ -123,7 +122,7 @@ def main() -> None:
     a.runs_dir = a.runs_dir if a.runs_dir == RUNS else a.runs_dir.resolve()
     os.chdir(ROOT)
     if a.table_only:
-        write_table(json.loads(a.results.read_text()), a.readme)
+        write_table(load_results(a.results), a.readme)
         return
 
     results = json.loads(a.results.read_text()) if a.results.exists() else []
