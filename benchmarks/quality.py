@@ -58,7 +58,9 @@ def summarize(result: dict) -> dict:
         "achieved": rec.get("overall_sparsity", 0.0),
         "ppl": wt["ppl"],
         "windows": wt["n_windows"],
-        "prune_s": rec.get("prune_timings", {}).get("total"),
+        # With --target-layers auto the prune phase is the whole search (every candidate pruned).
+        "prune_s": rec["timings"]["prune"] if "target_search" in rec else rec.get("prune_timings", {}).get("total"),
+        "target_search": rec.get("target_search"),
         "wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"],
         "command": result["command"],
@@ -102,6 +104,14 @@ def write_table(rows: list[dict]) -> None:
             for s in settings
         ]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if r.get("note"):
+            lines.append(f"\n`{r['name']}`: {r['note']}.")
+        search = r.get("target_search")
+        if search:
+            tried = ", ".join(f"{k.replace('self_attn.', '')} {v:.2f}" for k, v in search["heldout_ppl"].items())
+            lines.append(f"\n`{r['name']}` chose **{search['chosen'].replace('self_attn.', '')}** "
+                         f"(held-out C4 perplexity per candidate: {tried}).")
     lines += ["", "Achieved overall sparsity: " + ", ".join(
         f"{r['name']} {r['achieved']:.4f}" for r in rows if r["method"] != "dense"
     )]
