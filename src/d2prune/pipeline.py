@@ -260,8 +260,9 @@ class _LayerStats:
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over the calibration inputs, from the Gram: tr(ΔW S ΔWᵀ)/tr(W S Wᵀ)."""
     delta = old - new
-    num = ((delta @ gram.sum) * delta).sum()
-    den = ((old @ gram.sum) * old).sum()
+    total = gram.sum.float()
+    num = ((delta @ total) * delta).sum()
+    den = ((old @ total) * old).sum()
     return float(num / den) if den > 0 else 0.0
 
 
