@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .architecture import find_decoder_stack, find_linears
 from .methods.wanda import InputNormStats
 
@@ -18,13 +19,17 @@ from .methods.wanda import InputNormStats
 def outlier_ratios(model, batches: list[dict], m: float, device: torch.device, progress: bool = True) -> list[float]:
     """Per decoder layer: 100 × fraction of the layer's Wanda scores above ``m`` × their mean.
 
-    Each layer sees the dense outputs of the layers before it (nothing is pruned here).
+    Each layer sees the dense outputs of the layers before it (nothing is pruned here). Under
+    ``torchrun`` each rank runs its share of the batches and the norms are summed over ranks.
     """
     from .pipeline import capture_inputs_and_arguments, run_layer
 
+    world = distributed.current()
     stack = find_decoder_stack(model)
-    inps, layer_extras = capture_inputs_and_arguments(model, stack, batches, device)
-    sizes = [b["input_ids"].shape[0] for b in batches]
+    local, _ = world.shard(batches)  # [distributed]
+    with world.sync("capturing the layer-0 inputs for OWL"):
+        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device)
+    sizes = [b["input_ids"].shape[0] for b in local]
     outs = torch.empty_like(inps)
     ratios = []
     for layer, extras in tqdm(
@@ -39,10 +44,12 @@ def outlier_ratios(model, batches: list[dict], m: float, device: torch.device, p
             for name, lin in linears.items()
         ]
         try:
-            run_layer(layer, inps, extras, sizes, outs)
+            with world.sync("the OWL statistics pass"):
+                run_layer(layer, inps, extras, sizes, outs)
         finally:
             for h in handles:
                 h.remove()
+        distributed.reduce_statistics(world, stats.values(), "OWL input norms")  # [distributed]
         scores = torch.cat(
             [(lin.weight.float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
         )

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
@@ -272,8 +273,13 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
 
     ``calibration``: a LongTensor (windows, tokens), or an iterable of such batches or of dicts with
     ``input_ids`` (and optionally ``attention_mask``).
+
+    Under ``torchrun`` (a process group of several ranks) this is a collective call: every rank
+    passes the same model, calibration and config, runs its share of the windows, and ends with the
+    same pruned weights (see ``d2prune.distributed``).
     """
     config = config or PruneConfig()
+    world = distributed.current()  # [distributed] one process unless a process group is running
     t_start = time.perf_counter()
     device = torch.device(config.device)
     model_info = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
@@ -309,10 +315,14 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     report.layer_sparsities = [t.sparsity for t in targets]
 
     t0 = time.perf_counter()
-    inps, layer_extras = capture_inputs_and_arguments(model, stack, batches, device)
-    sizes = [b["input_ids"].shape[0] for b in batches]
+    # [distributed] this rank's calibration batches; ``first`` is the global index of its first window
+    local, lo = world.shard(batches)
+    first = sum(b["input_ids"].shape[0] for b in batches[:lo])
+    with world.sync("capturing the layer-0 inputs"):
+        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device)
+    sizes = [b["input_ids"].shape[0] for b in local]
     timings["capture"] = time.perf_counter() - t0
-    report.nsamples, report.seqlen = inps.shape[0], inps.shape[1]
+    report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), inps.shape[1]
     outs = torch.empty_like(inps)
 
     try:
@@ -327,25 +337,34 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
                 for name, lin in linears.items()
             }
             gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
+            for pruner in pruners.values():
+                pruner.begin(first)
 
             t0 = time.perf_counter()
             stats = _LayerStats(linears, pruners, gram_names)
             try:
-                run_layer(layer, inps, layer_extras[index], sizes, None, stats)
+                with world.sync(f"collecting statistics in layer {index}"):
+                    run_layer(layer, inps, layer_extras[index], sizes, None, stats)
             finally:
                 stats.remove()
+            # [distributed] sum the statistics over ranks (Grams and every pruner's Statistic tensors)
+            distributed.reduce_statistics(world, [*pruners.values(), *stats.grams.values()], f"statistics of layer {index}")
             timings["statistics"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
+            # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
+            owners = distributed.assign({name: p.work() for name, p in pruners.items()}, world.size)
+            done: dict[str, tuple[float | None, float]] = {}
+            with world.sync(f"pruning layer {index}"):
+                for name, lin in linears.items():
+                    if owners[name] == world.rank:
+                        done[name] = _prune_linear(lin, pruners[name], target, stats.grams.get(name), config.measure_error)
+            done = distributed.share_pruned(world, linears, owners, done)
             for name, lin in linears.items():
-                t_lin = time.perf_counter()
-                old = lin.weight.data.float().clone() if config.measure_error else None
-                new = pruners[name].prune(lin.weight.data, target, stats.grams.get(name))
-                lin.weight.data.copy_(new.to(lin.weight.dtype))
+                error, seconds = done[name]
                 zeros = int((lin.weight.data == 0).sum())
                 report.zeros += zeros
                 report.weights += lin.weight.numel()
-                error = _relative_error(old, lin.weight.data.float(), stats.grams[name]) if config.measure_error else None
                 nm = target.pattern
                 report.linears.append(
                     LinearReport(
@@ -356,14 +375,15 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
                         relative_error=error,
                         nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
                         weight_update=pruners[name].updates_weights,
-                        seconds=time.perf_counter() - t_lin,
+                        seconds=seconds,
                     )
                 )
             del stats, pruners
             timings["prune"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            run_layer(layer, inps, layer_extras[index], sizes, outs)
+            with world.sync(f"running the pruned layer {index}"):
+                run_layer(layer, inps, layer_extras[index], sizes, outs)
             timings["pruned_forward"] += time.perf_counter() - t0
             layer.to(home)
             inps, outs = outs, inps
@@ -373,6 +393,18 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     timings["total"] = time.perf_counter() - t_start
     report.timings = timings
     return report
+
+
+def _prune_linear(
+    lin: nn.Linear, pruner: LinearPruner, target: SparsityTarget, gram: Gram | None, measure_error: bool
+) -> tuple[float | None, float]:
+    """Prune ``lin`` in place; returns its relative reconstruction error (if measured) and the seconds taken."""
+    t0 = time.perf_counter()
+    old = lin.weight.data.float().clone() if measure_error else None
+    new = pruner.prune(lin.weight.data, target, gram)
+    lin.weight.data.copy_(new.to(lin.weight.dtype))
+    error = _relative_error(old, lin.weight.data.float(), gram) if measure_error else None
+    return error, time.perf_counter() - t0
 
 
 def run_layer(
