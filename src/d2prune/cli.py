@@ -11,11 +11,13 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import UserError
 
 
@@ -62,6 +64,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward (default 1)")
     p.add_argument("--output-dir", "--output_dir", default=None, help="folder for run.json (and the saved model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help=f"under torchrun: seconds to wait for another rank before failing "
+                        f"(env {distributed.TIMEOUT_ENV}; default {distributed.DEFAULT_TIMEOUT_S:g})")
     zs = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness, offline task data from the data dir)")
     zs.add_argument("--zero-shot", "--eval-zero-shot", "--eval_zero_shot", dest="zero_shot", action="store_true",
                     help="also run the zero-shot tasks")
@@ -216,7 +221,8 @@ def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
             if name.lower() == "none":
                 continue
             source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
-            tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
+            with distributed.current().sync(f"reading the evaluation data {source}"):
+                tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
             res = evaluate_ppl(
                 model, tokens, args.seqlen, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
                 progress=not args.no_progress,
@@ -245,7 +251,7 @@ def _evaluate_all(model, tokenizer, args, label: str, ppl: dict, record: dict, t
     t0 = time.perf_counter()
     _evaluate(model, tokenizer, args, label, ppl)
     timings["eval" if label == "model" else f"eval_{label}"] = time.perf_counter() - t0
-    if args.zero_shot:
+    if args.zero_shot and distributed.current().rank == 0:  # lm-eval runs whole, on rank 0 only
         t0 = time.perf_counter()
         record["zero_shot"] = _zero_shot(model, tokenizer, args)
         timings["zero_shot"] = time.perf_counter() - t0
@@ -420,9 +426,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from .models import check_device
 
-    check_device(args.device)
+    world = distributed.current()
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    with world.sync("loading the model"):  # [distributed] a rank that cannot load stops them all
+        check_device(args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     timings["load"] = time.perf_counter() - t0
 
     if args.command == "finetune":
@@ -430,6 +438,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         _evaluate_all(model, tokenizer, args, "model", ppl, record, timings)
+        if world.size > 1:
+            record["distributed"] = _ranks_record(world, args, timings)
+            if world.rank > 0:  # only rank 0 prints and writes
+                return 0
         record.update(perplexity=ppl, timings=timings, sources=_sources(args, None), seqlen=args.seqlen)
         rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]} for k, v in ppl.get("model", {}).items()]
         if rows:
@@ -443,10 +455,11 @@ def _run(args: argparse.Namespace) -> int:
 
     calib_source = args.calib_data_path or args.calib
     t0 = time.perf_counter()
-    calibration = get_calibration(
-        tokenizer, calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
-    )
+    with world.sync("reading the calibration data"):
+        calibration = get_calibration(
+            tokenizer, calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+        )
     timings["calibration_data"] = time.perf_counter() - t0
 
     if args.eval_dense:
@@ -455,28 +468,36 @@ def _run(args: argparse.Namespace) -> int:
         timings["eval_dense"] = time.perf_counter() - t0
 
     if config.method.needs_gradients and args.gradient_source:
-        config.method = dataclasses.replace(config.method, gradient_source=get_calibration(
-            tokenizer, args.gradient_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-            data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
-        ))
+        with world.sync("reading the gradient data"):
+            config.method = dataclasses.replace(config.method, gradient_source=get_calibration(
+                tokenizer, args.gradient_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+            ))
 
     t0 = time.perf_counter()
     if args.auto_target:
         from .data import get_heldout
         from .target_search import choose_target_layers
 
-        heldout = get_heldout(
-            tokenizer, args.heldout_source or calib_source, nsamples=args.heldout_windows, seqlen=args.seqlen,
-            calib_nsamples=args.nsamples, calib_seed=args.seed, seed=args.heldout_seed, data_dir=args.data_dir_path,
-        )
+        with world.sync("reading the held-out data"):
+            heldout = get_heldout(
+                tokenizer, args.heldout_source or calib_source, nsamples=args.heldout_windows, seqlen=args.seqlen,
+                calib_nsamples=args.nsamples, calib_seed=args.seed, seed=args.heldout_seed, data_dir=args.data_dir_path,
+            )
         report, record["target_search"] = choose_target_layers(model, calibration, heldout, config)
         record["target_search"]["heldout_source"] = args.heldout_source or calib_source
         record["target_search"]["heldout_seed"] = args.heldout_seed
     else:
         report = prune(model, calibration, config)
     timings["prune"] = time.perf_counter() - t0
+    if world.size > 1:
+        # Gathered before evaluating: rank 0 alone may then run zero-shot tasks and save, and
+        # the other ranks must not wait for that.
+        record["distributed"] = _ranks_record(world, args, timings)
 
     _evaluate_all(model, tokenizer, args, "pruned", ppl, record, timings)
+    if world.rank > 0:  # only rank 0 saves, prints and writes the run record
+        return 0
 
     record.update(
         config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -514,20 +535,54 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks_record(world: distributed.World, args: argparse.Namespace, timings: dict) -> dict:
+    """World size and backend, and per rank: host, device, peak RSS so far (MB) and prune seconds."""
+    import resource
+    import socket
+
+    mine = {"rank": world.rank, "host": socket.gethostname(), "device": args.device,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "prune_s": timings.get("prune")}
+    return {"world_size": world.size, "backend": world.backend, "timeout_s": world.timeout_s,
+            "ranks": world.all_gathered(mine, "gathering the ranks' summaries")}
+
+
+def _join_ranks(args: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the other ranks; True if a process group was started."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        return False
+    if args.command not in ("prune", "eval"):
+        raise UserError(f"d2prune {args.command} runs in one process: launch it without torchrun")
+    world, args.device = distributed.init_from_env(args.device, args.dist_timeout)
+    if world.rank > 0:
+        args.no_progress = True  # one set of progress bars, rank 0's
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {world.rank}] %(name)s: %(message)s",
+                        force=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    joined = False
     try:
+        joined = _join_ranks(args)
         return _run(args)
     except UserError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerError as e:
+        print(f"d2prune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("d2prune: interrupted; no run record or model was written for this run", file=sys.stderr)
         if args.command == "finetune" and args.save_steps:
             print(f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
                   file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":
