@@ -15,19 +15,27 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 BENCH_README = ROOT / "benchmarks" / "README.md"
 
 
-def shown(args: list[str]) -> str:
-    """The command as a user would type it."""
-    return " ".join(shlex.quote(a) for a in ["d2prune", *args])
+def shown(args: list[str], launcher: list[str] | None = None) -> str:
+    """The command as a user would type it (``launcher``: e.g. ``torchrun --nproc-per-node 2``)."""
+    prefix = ["d2prune"] if launcher is None else [*launcher, "-m", "d2prune"]
+    return " ".join(shlex.quote(a) for a in [*prefix, *args])
 
 
-def run_d2prune(name: str, args: list[str], out_dir: Path) -> dict:
+def run_d2prune(
+    name: str, args: list[str], out_dir: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None
+) -> dict:
     """Run ``d2prune ARGS --output-dir OUT``; return its run record, wall time and peak RSS.
 
-    A separate process per run, so wall time and ``ru_maxrss`` belong to that run alone.
+    A separate process per run, so wall time and ``ru_maxrss`` belong to that run alone (with a
+    ``launcher`` such as torchrun: the largest of the launcher and the processes it waited for).
+    ``env`` adds environment variables (e.g. OMP_NUM_THREADS).
     """
-    exe = Path(sys.executable).parent / "d2prune"
-    cmd = [str(exe), *args, "--output-dir", str(out_dir), "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if launcher is None:
+        cmd = [str(Path(sys.executable).parent / "d2prune")]
+    else:  # the launcher's console script lives next to this interpreter too
+        cmd = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:], "-m", "d2prune"]
+    cmd += [*args, "--output-dir", str(out_dir), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
@@ -37,7 +45,7 @@ def run_d2prune(name: str, args: list[str], out_dir: Path) -> dict:
         raise SystemExit(f"{name} failed:\n{output}")
     record_file = out_dir / "run.json"  # `d2prune attention` writes attention.json instead
     record = json.loads(record_file.read_text()) if record_file.exists() else None
-    return {"name": name, "command": shown(args), "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"name": name, "command": shown(args, launcher), "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
             "record": record}
 
 
