@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -92,3 +93,27 @@ def pruned_model(name: str, method_args: list[str], sparsity: str, model: str = 
     run_d2prune(name, args, out)
     stamp.write_text(shown(args))
     return out / "model", shown(args)
+
+
+def protocol_arguments(ap: argparse.ArgumentParser, results: Path, readme: Path, runs: Path) -> None:
+    """Options shared by the run-and-tabulate benchmarks: the quick protocol, where the results, the
+    table and the run folders go, ``--dry-run`` and ``--table-only``."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--results", type=Path, default=results)
+    ap.add_argument("--readme", type=Path, default=readme)
+    ap.add_argument("--runs-dir", type=Path, default=runs)
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
+
+
+def parse_in_root(ap: argparse.ArgumentParser, runs: Path) -> argparse.Namespace:
+    """Parse, make the given paths absolute, then work from the project root. The default runs
+    folder stays relative to it, so the recorded commands stay short."""
+    a = ap.parse_args()
+    a.results, a.readme = a.results.resolve(), a.readme.resolve()
+    a.runs_dir = a.runs_dir if a.runs_dir == runs else a.runs_dir.resolve()
+    os.chdir(ROOT)
+    return a
