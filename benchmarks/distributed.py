@@ -10,8 +10,8 @@ process tree:
 
 Measured: wall time of the whole command, the prune phase (rank 0's), peak RSS of the largest process
 over the whole run (``os.wait4`` on the command: for torchrun the largest of the agent and the ranks
-it waited for), each rank's own peak RSS up to the end of pruning (``ru_maxrss``, from the run
-record's ``distributed.ranks``), perplexity, and whether the saved weights equal those of the
+it waited for), each rank's own peak RSS up to the end of the perplexity evaluation (``ru_maxrss``,
+from the run record's ``distributed.ranks``), perplexity, and whether the saved weights equal those of the
 1-thread single process (identical masks; largest |ΔW| relative to max |W| per linear). Results go to
 ``benchmarks/results/distributed_smollm2.json`` and the table between the ``distributed-table``
 markers in ``benchmarks/README.md``.
@@ -77,7 +77,7 @@ def summarize(label: str, threads: int, run: dict) -> dict:
         "wall_s": run["wall_s"],
         "prune_s": rec["timings"]["prune"],
         "peak_rss_mb": run["peak_rss_mb"],
-        "rank_peak_rss_to_prune_end_mb": [r["peak_rss_mb"] for r in dist["ranks"]] if dist else None,
+        "rank_peak_rss_to_eval_end_mb": [r["peak_rss_mb"] for r in dist["ranks"]] if dist else None,
         "ppl": rec["perplexity"]["pruned"]["wikitext2"]["ppl"],
         "eval_windows": rec["perplexity"]["pruned"]["wikitext2"]["n_windows"],
         "overall_sparsity": rec["overall_sparsity"],
@@ -87,12 +87,12 @@ def summarize(label: str, threads: int, run: dict) -> dict:
 
 def write_table(rows: list[dict], readme: Path) -> None:
     lines = [
-        "| run | wall s | prune s | peak RSS MB, largest process (whole run) | peak RSS MB per rank (to end of pruning) "
+        "| run | wall s | prune s | peak RSS MB, largest process (whole run) | peak RSS MB per rank (to end of evaluation) "
         "| WikiText-2 ppl | weights vs 1 process, 1 thread |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ranks = " / ".join(f"{m:.0f}" for m in r["rank_peak_rss_to_prune_end_mb"]) if r["rank_peak_rss_to_prune_end_mb"] else "–"
+        ranks = " / ".join(f"{m:.0f}" for m in r["rank_peak_rss_to_eval_end_mb"]) if r["rank_peak_rss_to_eval_end_mb"] else "–"
         c = r.get("vs_reference")
         if c is None:
             same = "(reference)"

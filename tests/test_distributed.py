@@ -254,17 +254,25 @@ def test_a_silent_rank_ends_the_others_at_the_timeout(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> Path:
+    """One token cache for the CLI runs here, so the data is tokenized once."""
+    return tmp_path_factory.mktemp("token_cache")
+
+
 CLI = ["prune", str(TINY), "--method", "sparsegpt", "--nsamples", "4", "--seqlen", "64", "--eval-windows", "4",
        "--no-progress", "--data-dir", str(DATA), "--save-model"]
 
 
 @needs_assets
-def test_torchrun_prune_matches_one_process_and_only_rank_0_writes(tmp_path, monkeypatch):
+def test_torchrun_prune_matches_one_process_and_only_rank_0_writes(tmp_path, token_cache, monkeypatch):
     from safetensors.torch import load_file
 
     from d2prune.cli import main
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "D2PRUNE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "D2PRUNE_CACHE": str(token_cache)}
     out2 = tmp_path / "two"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -273,7 +281,7 @@ def test_torchrun_prune_matches_one_process_and_only_rank_0_writes(tmp_path, mon
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("run record:") == 1  # one table, rank 0's
-    monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("D2PRUNE_CACHE", str(token_cache))
     out1 = tmp_path / "one"
     assert main([*CLI, "--output-dir", str(out1)]) == 0
 
@@ -294,12 +302,12 @@ def test_torchrun_prune_matches_one_process_and_only_rank_0_writes(tmp_path, mon
 
 
 @needs_assets
-def test_a_user_mistake_on_one_rank_is_one_line_on_every_rank(tmp_path):
+def test_a_user_mistake_on_one_rank_is_one_line_on_every_rank(tmp_path, token_cache):
     """Rank 1 alone cannot read the calibration data (its own data folder is missing)."""
     args = [sys.executable, "-m", "d2prune", *CLI, "--output-dir", str(tmp_path / "out"), "--dist-timeout", "60"]
     missing = tmp_path / "no-data"
     args1 = [a if a != str(DATA) else str(missing) for a in args]
-    cache = {"D2PRUNE_CACHE": str(tmp_path / "cache")}
+    cache = {"D2PRUNE_CACHE": str(token_cache)}
     results = _finish(_spawn([args, args1], [cache, cache]))
     for rank, (rc, _, err) in enumerate(results):
         lines = [line for line in err.splitlines() if line.startswith("d2prune: error")]

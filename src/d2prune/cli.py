@@ -251,7 +251,12 @@ def _evaluate_all(model, tokenizer, args, label: str, ppl: dict, record: dict, t
     t0 = time.perf_counter()
     _evaluate(model, tokenizer, args, label, ppl)
     timings["eval" if label == "model" else f"eval_{label}"] = time.perf_counter() - t0
-    if args.zero_shot and distributed.current().rank == 0:  # lm-eval runs whole, on rank 0 only
+    world = distributed.current()
+    if world.size > 1:
+        # The last collective step: rank 0 alone may then run zero-shot tasks and save, and the
+        # other ranks must not wait for that.
+        record["distributed"] = _ranks_record(world, args, timings)
+    if args.zero_shot and world.rank == 0:  # lm-eval runs whole, on rank 0 only
         t0 = time.perf_counter()
         record["zero_shot"] = _zero_shot(model, tokenizer, args)
         timings["zero_shot"] = time.perf_counter() - t0
@@ -438,10 +443,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         _evaluate_all(model, tokenizer, args, "model", ppl, record, timings)
-        if world.size > 1:
-            record["distributed"] = _ranks_record(world, args, timings)
-            if world.rank > 0:  # only rank 0 prints and writes
-                return 0
+        if world.rank > 0:  # only rank 0 prints and writes
+            return 0
         record.update(perplexity=ppl, timings=timings, sources=_sources(args, None), seqlen=args.seqlen)
         rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]} for k, v in ppl.get("model", {}).items()]
         if rows:
@@ -490,10 +493,6 @@ def _run(args: argparse.Namespace) -> int:
     else:
         report = prune(model, calibration, config)
     timings["prune"] = time.perf_counter() - t0
-    if world.size > 1:
-        # Gathered before evaluating: rank 0 alone may then run zero-shot tasks and save, and
-        # the other ranks must not wait for that.
-        record["distributed"] = _ranks_record(world, args, timings)
 
     _evaluate_all(model, tokenizer, args, "pruned", ppl, record, timings)
     if world.rank > 0:  # only rank 0 saves, prints and writes the run record

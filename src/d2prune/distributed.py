@@ -224,24 +224,26 @@ def _first_line(exc: BaseException) -> str:
 
 
 _current: World | None = None
+_current_group: Any = None  # the default process group ``_current`` was made for
 
 
 def current() -> World:
     """The running world: the default process group when one with several ranks is initialized
     (by ``init_from_env`` or the caller's own ``torch.distributed.init_process_group``), else one process."""
-    global _current
+    global _current, _current_group
     try:
         import torch.distributed as dist
     except ImportError:  # a torch build without distributed support
         return World()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return World()
-    if _current is None or _current.rank != dist.get_rank() or _current.size != dist.get_world_size():
+    if _current is None or _current_group is not dist.group.WORLD:  # first call, or a new process group
         backend = str(dist.get_backend())
         timeout_s = _timeout_from_env(None)
         # Flags and objects go through gloo, whose waits honour the timeout (NCCL's abort the process).
         control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         _current = World(dist.get_rank(), dist.get_world_size(), backend, timeout_s, control)
+        _current_group = dist.group.WORLD
     return _current
 
 
