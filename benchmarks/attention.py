@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from common import BENCH_README, RESULTS_DIR, ROOT, pruned_model, run_d2prune, save_results, write_between_markers
+from common import BENCH_README, RESULTS_DIR, ROOT, pruned_model, run_d2prune, save_results, replace_block
 
 MARK_BEGIN, MARK_END = "<!-- attention-table:begin -->", "<!-- attention-table:end -->"
 METHODS = {
@@ -54,8 +54,7 @@ def main() -> None:
         change = 100 * (d / s - 1)
         lines.append(f"\nAt {float(p):.0%}: D²Prune's mean attention RMSE is {abs(change):.1f}% "
                      f"{'lower' if change < 0 else 'higher'} than SparseGPT's.")
-    write_between_markers(BENCH_README, MARK_BEGIN, MARK_END, "\n".join(lines),
-                          heading="Attention diagnostics (`benchmarks/attention.py`)")
+    replace_block(BENCH_README, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""Shared by the benchmark scripts: run one ``d2prune`` command as its own process, rewrite a table."""
+"""What the benchmark scripts share: running a command with its wall time and peak RSS measured, putting
+a table between two markers of a README, and the quick-protocol pruned models.
+
+Peak RSS comes from ``os.wait4``. Linux carries a parent's peak RSS into a child it forks (the
+child's ``ru_maxrss`` starts at the parent's size and survives ``exec``), so a parent that has
+loaded torch and models would inflate every measurement. Commands therefore run from a launcher: a
+bare Python process started before the parent grows (``start_launcher()`` first thing in ``main``),
+which starts each command and reports back.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,57 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 BENCH_README = ROOT / "benchmarks" / "README.md"
+
+_LAUNCHER = r"""
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    job = json.loads(line)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(job["cmd"], env=job["env"], cwd=job.get("cwd"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    result = {"returncode": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t0,
+              "peak_rss_bytes": usage.ru_maxrss * 1024, "output": output[-20000:]}
+    print(json.dumps(result), flush=True)
+"""
+
+
+class Launcher:
+    """Runs commands from a small, clean process; start it before importing anything large."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def run(self, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> dict:
+        """Run ``cmd``: returncode, wall_s, peak_rss_bytes and the tail of its output."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        job = {"cmd": [str(c) for c in cmd], "env": env, "cwd": str(cwd) if cwd else None}
+        self._proc.stdin.write(json.dumps(job) + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait()
+
+
+
+_launcher: Launcher | None = None
+
+
+def start_launcher() -> Launcher:
+    """The shared launcher; call before importing torch so its peak RSS stays small."""
+    global _launcher
+    _launcher = _launcher or Launcher()
+    return _launcher
 
 
 def shown(args: list[str], launcher: list[str] | None = None) -> str:
@@ -22,43 +75,41 @@ def shown(args: list[str], launcher: list[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in [*prefix, *args])
 
 
-def run_d2prune(
-    name: str, args: list[str], out_dir: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None
-) -> dict:
-    """Run ``d2prune ARGS --output-dir OUT``; return its run record, wall time and peak RSS.
+def run_d2prune(name: str, args: list[str], out_dir: Path, launcher: list[str] | None = None,
+                env: dict[str, str] | None = None) -> dict:
+    """Run ``d2prune ARGS --output-dir OUT`` in its own process; its run record, wall time and peak RSS.
 
-    A separate process per run, so wall time and ``ru_maxrss`` belong to that run alone (with a
-    ``launcher`` such as torchrun: the largest of the launcher and the processes it waited for).
-    ``env`` adds environment variables (e.g. OMP_NUM_THREADS).
+    ``launcher``: e.g. ``["torchrun", "--nproc-per-node", "2"]``, which then runs ``-m d2prune``
+    (its console script lives next to this interpreter too); the peak RSS is then the largest of the
+    launcher and the processes it waited for. ``env`` adds environment variables (e.g. OMP_NUM_THREADS).
     """
     if launcher is None:
         cmd = [str(Path(sys.executable).parent / "d2prune")]
-    else:  # the launcher's console script lives next to this interpreter too
+    else:
         cmd = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:], "-m", "d2prune"]
     cmd += [*args, "--output-dir", str(out_dir), "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{name} failed:\n{output}")
+    res = start_launcher().run(cmd, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=ROOT)
+    if res["returncode"] != 0:
+        raise SystemExit(f"{name} failed:\n{res['output']}")
     record_file = out_dir / "run.json"  # `d2prune attention` writes attention.json instead
     record = json.loads(record_file.read_text()) if record_file.exists() else None
-    return {"name": name, "command": shown(args, launcher), "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"name": name, "command": shown(args, launcher), "wall_s": res["wall_s"],
+            "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
             "record": record}
 
 
-def write_between_markers(path: Path, begin: str, end: str, body: str, heading: str | None = None) -> bool:
-    """Replace the text between two marker lines; append a section when ``heading`` is given and they are absent."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin not in text:
-        if heading is None:
-            return False
-        text = text.rstrip("\n") + f"\n\n## {heading}\n\n{begin}\n{end}\n"
-    start, stop = text.index(begin) + len(begin), text.index(end)
-    path.write_text(text[:start] + "\n" + body + "\n" + text[stop:])
+def replace_block(readme: Path, begin: str, end: str, text: str, append: bool = True) -> bool:
+    """Put ``text`` between the markers ``begin`` and ``end`` of ``readme``; without the markers,
+    append them with the text (``append``) or leave the file alone. Returns whether it was written."""
+    content = readme.read_text() if readme.exists() else ""
+    if begin in content and end in content:
+        head, rest = content.split(begin, 1)
+        content = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    elif append:
+        content = content.rstrip() + f"\n\n{begin}\n{text}\n{end}\n"
+    else:
+        return False
+    readme.write_text(content)
     return True
 
 

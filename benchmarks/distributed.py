@@ -29,8 +29,7 @@ import json
 from pathlib import Path
 
 from common import BENCH_README as README
-from common import (RESULTS_DIR, parse_in_root, protocol_arguments, run_d2prune, save_results, shown,
-                    write_between_markers)
+from common import RESULTS_DIR, parse_in_root, protocol_arguments, replace_block, run_d2prune, save_results, shown
 
 RESULTS = RESULTS_DIR / "distributed_smollm2.json"
 RUNS = Path("runs") / "distributed"  # relative to the project root, so the recorded commands are short
@@ -105,8 +104,7 @@ def write_table(rows: list[dict], readme: Path) -> None:
     if rows:
         lines.append("")
         lines.append("Commands: " + "; ".join(f"`{r['command']}`" for r in rows) + ".")
-    write_between_markers(readme, MARK_BEGIN, MARK_END, "\n".join(lines),
-                          heading="Data-parallel calibration (`benchmarks/distributed.py`)")
+    replace_block(readme, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 
 def main() -> None:

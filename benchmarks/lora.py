@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 
 from common import BENCH_README as README
-from common import (RESULTS_DIR, parse_in_root, protocol_arguments, run_d2prune, save_results, shown,
-                    write_between_markers)
+from common import (RESULTS_DIR, load_results, parse_in_root, protocol_arguments, replace_block, run_d2prune,
+                    save_results, shown)
 from quality import METHODS, setting_args
 
 RESULTS = RESULTS_DIR / "lora_smollm2.json"
@@ -95,8 +95,7 @@ def write_table(rows: list[dict], readme: Path) -> None:
             f"| {r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['train_s']:.0f} | {r['finetune_wall_s']:.0f} "
             f"| {same} ({r['sparsity_after']:.4f}) |"
         )
-    write_between_markers(readme, MARK_BEGIN, MARK_END, "\n".join(lines),
-                          heading="LoRA recovery (`benchmarks/lora.py`)")
+    replace_block(readme, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 
 def main() -> None:
@@ -112,7 +111,7 @@ def main() -> None:
     protocol_arguments(ap, RESULTS, README, RUNS)
     a = parse_in_root(ap, RUNS)
     if a.table_only:
-        write_table(json.loads(a.results.read_text()), a.readme)
+        write_table(load_results(a.results), a.readme)
         return
 
     results = json.loads(a.results.read_text()) if a.results.exists() else []

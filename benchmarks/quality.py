@@ -17,7 +17,7 @@ import argparse
 import json
 
 from common import BENCH_README as README
-from common import RESULTS_DIR, ROOT, load_results, run_d2prune, save_results, shown, write_between_markers
+from common import RESULTS_DIR, ROOT, load_results, run_d2prune, save_results, shown, replace_block
 
 RESULTS = RESULTS_DIR / "quality_smollm2.json"
 RUNS = ROOT / "runs" / "quality"
@@ -107,8 +107,8 @@ def write_table(rows: list[dict]) -> None:
     )]
     table = "\n".join(lines)
     # The table goes into benchmarks/README.md and, where it has the markers, the project README.
-    write_between_markers(README, MARK_BEGIN, MARK_END, table, heading="Quality (`benchmarks/quality.py`)")
-    write_between_markers(ROOT / "README.md", MARK_BEGIN, MARK_END, table)
+    replace_block(README, MARK_BEGIN, MARK_END, table)
+    replace_block(ROOT / "README.md", MARK_BEGIN, MARK_END, table, append=False)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import argparse
 import math
 
 from common import (BENCH_README, RESULTS_DIR, ROOT, load_results, pruned_model, run_d2prune, save_results, shown,
-                    write_between_markers)
+                    replace_block)
 
 RESULTS = RESULTS_DIR / "zeroshot_smollm2.json"
 MARK_BEGIN, MARK_END = "<!-- zeroshot-table:begin -->", "<!-- zeroshot-table:end -->"
@@ -47,8 +47,7 @@ def write_table(rows: list[dict]) -> None:
     lines += ["", "Accuracy in % ± lm-eval's standard error. Metric per task: "
               + ", ".join(f"{t} {metric[t]}" for t in TASKS) + ". Items per task: "
               + ", ".join(f"{t} {n[t]}" for t in TASKS) + "."]
-    write_between_markers(BENCH_README, MARK_BEGIN, MARK_END, "\n".join(lines),
-                          heading="Zero-shot accuracy (`benchmarks/zeroshot.py`)")
+    replace_block(BENCH_README, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 
 def main() -> None:

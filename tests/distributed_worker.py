@@ -8,6 +8,10 @@ with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set (as torchrun sets them). Sce
   decoder weights and report summary as OUT/<case>.rank<r>.pt. Then one rank raises inside pruning
   (a UserError, then a RuntimeError) and every rank records what it saw in OUT/errors.rank<r>.json.
 * ``hang``: rank 1 stops answering (sleeps past the timeout); rank 0 prunes and records what it saw.
+* ``streamed``: prune the checkpoint OUT/src streamed from disk (``offload.prune_checkpoint``, disk
+  activations) into OUT/full, evaluate it layer by layer, then prune it into OUT/interrupted, stopped
+  after layer 1 (as by Ctrl-C), and try to resume that under torchrun; every rank records what it
+  saw in OUT/streamed.rank<r>.json.
 """
 
 from __future__ import annotations
@@ -96,6 +100,46 @@ class _FailingPruner(LinearPruner):
         return weight.float().clone()
 
 
+STREAMED_LAYERS = 4
+
+
+def streamed_config() -> d2prune.PruneConfig:
+    return d2prune.PruneConfig(method="sparsegpt", batch_size=2, activation_offload="disk", progress=False)
+
+
+class _Stop(KeyboardInterrupt):
+    """Like Ctrl-C between two layers."""
+
+
+def streamed(out: Path, rank: int) -> dict:
+    from d2prune import offload
+
+    ids = make_calibration_ids(WINDOWS, TOKENS)
+    seen: dict = {}
+    original = offload.StreamedStore.layer_done
+
+    def layer_done(self, index, report, acts):
+        original(self, index, report, acts)
+        if index == 0 and rank == 0:  # every rank has its activation files by now
+            seen["work_files"] = sorted(p.name for p in self.work.iterdir())
+        if self.target.name == "interrupted" and index == 1:
+            raise _Stop
+
+    offload.StreamedStore.layer_done = layer_done
+    report, target = offload.prune_checkpoint(out / "src", ids, streamed_config(), out / "full")
+    seen["nsamples"], seen["overall_sparsity"] = report.nsamples, report.overall_sparsity
+    tokens = make_calibration_ids(3, TOKENS, seed=5).reshape(-1)
+    seen["nll_per_window"] = offload.evaluate_streamed(target, tokens, TOKENS, progress=False).nll_per_window
+    try:
+        offload.prune_checkpoint(out / "src", ids, streamed_config(), out / "interrupted")
+    except _Stop:
+        seen["interrupted"] = True
+    seen["resume"] = _outcome(
+        lambda: offload.prune_checkpoint(out / "src", ids, streamed_config(), out / "interrupted", resume=True)
+    )
+    return seen
+
+
 def _outcome(run) -> dict:
     t0 = time.perf_counter()
     try:
@@ -138,6 +182,8 @@ def main(out: Path, scenario: str) -> None:
             return
         seen = _outcome(lambda: d2prune.prune(model, make_calibration_ids(WINDOWS, TOKENS), d2prune.PruneConfig(progress=False)))
         (out / f"hang.rank{world.rank}.json").write_text(json.dumps(seen))
+    elif scenario == "streamed":
+        (out / f"streamed.rank{world.rank}.json").write_text(json.dumps(streamed(out, world.rank)))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     distributed.shutdown()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import d2prune
-from conftest import SHARED
+from conftest import SHARED, make_calibration_ids
 from d2prune import distributed
 from d2prune.methods import D2PruneConfig, Gram, WandaConfig
 from d2prune.methods.base import LinearPruner
@@ -180,6 +180,62 @@ def test_gram_statistics_round_trip():
     torch.testing.assert_close(merged.hessian(), whole.hessian(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("measure_error", [False, True])
+def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, measure_error):
+    """The pipeline sums every Gram once per layer, shared ones (q/k/v, gate/up) included, and before
+    any Hessian is made from it (the last reader's in place); here rank 0 of 2, the sums recorded."""
+    import contextlib
+
+    from conftest import build_tiny_model
+    from d2prune import pipeline
+
+    reduced: list[torch.Tensor] = []
+
+    class RankZeroOfTwo(distributed.World):
+        @contextlib.contextmanager
+        def sync(self, what):
+            yield
+
+        def barrier(self, what):
+            pass
+
+        def check_same(self, signature, what):
+            pass
+
+        def broadcast_(self, tensor, src, what):
+            pass
+
+        def all_reduce_sum(self, tensors, what):
+            reduced.extend(tensors)
+
+    monkeypatch.setattr(distributed, "current", lambda: RankZeroOfTwo(rank=0, size=2))
+    made: list[bool] = []
+    for cls in (Gram, pipeline._LastUseGram):
+        def hessian(self, original=cls.hessian):
+            made.append(any(t is self.sum for t in reduced))  # already summed over the ranks?
+            return original(self)
+
+        monkeypatch.setattr(cls, "hessian", hessian)
+    model = build_tiny_model("llama-gqa")
+    d2prune.prune(model, make_calibration_ids(4, 16), d2prune.PruneConfig(
+        method="sparsegpt", batch_size=2, measure_error=measure_error, progress=False))
+    grams = [t for t in reduced if t.dim() == 2 and t.shape[0] == t.shape[1]]
+    layers = model.config.num_hidden_layers
+    assert len(grams) == 4 * layers  # q/k/v, o, gate/up, down: one Gram each
+    assert len({id(t) for t in grams}) == len(grams)  # none summed twice
+    owned = sum(owner == 0 for owner in distributed.assign(
+        {n: p.work() for n, p in _sparsegpt_pruners(model).items()}, 2).values())
+    assert made and all(made) and len(made) == owned * layers  # rank 0's linears only
+
+
+def _sparsegpt_pruners(model) -> dict[str, LinearPruner]:
+    from d2prune.architecture import find_decoder_stack, find_linears
+
+    layer = find_decoder_stack(model).layers[0]
+    config = d2prune.methods.method_config("sparsegpt")
+    return {name: config.make_pruner(name, lin.weight) for name, lin in find_linears(layer).items()}
+
+
 def test_a_pruner_that_observes_without_statistics_cannot_be_summed():
     class Private(LinearPruner):
         def observe(self, x, y):
@@ -250,6 +306,95 @@ def test_a_silent_rank_ends_the_others_at_the_timeout(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# two gloo ranks streaming the model from disk (--offload disk)
+# --------------------------------------------------------------------------------------------------
+
+
+def _shards(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def _pruned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if "layers" in k and k.endswith("proj.weight")}
+
+
+@pytest.fixture(scope="module")
+def streamed_two_ranks(tmp_path_factory) -> Path:
+    """distributed_worker's ``streamed`` scenario on 2 ranks, and the same model pruned by one process."""
+    from d2prune.offload import prune_checkpoint
+
+    out = tmp_path_factory.mktemp("streamed")
+    distributed_worker.build_tiny_model(
+        "llama-gqa", seed=0, num_hidden_layers=distributed_worker.STREAMED_LAYERS
+    ).save_pretrained(out / "src")
+    results = _finish(_spawn([[sys.executable, str(WORKER), str(out), "streamed"]] * 2))
+    for rank, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"rank {rank}:\n{err}"
+    ids = make_calibration_ids(distributed_worker.WINDOWS, distributed_worker.TOKENS)
+    prune_checkpoint(out / "src", ids, distributed_worker.streamed_config(), out / "one")
+    return out
+
+
+def test_two_ranks_stream_from_disk_like_one_process_and_only_rank_0_writes(streamed_two_ranks):
+    from d2prune.activations import PATTERN
+    from d2prune.offload import evaluate_streamed
+
+    out = streamed_two_ranks
+    seen = [json.loads((out / f"streamed.rank{r}.json").read_text()) for r in range(2)]
+    one, two = _shards(out / "one"), _shards(out / "full")
+    assert sorted(one) == sorted(two) and len(_pruned(one)) == 7 * distributed_worker.STREAMED_LAYERS
+    _assert_same_pruning(_pruned(one), _pruned(two), exact=False)
+    for name in set(one) - set(_pruned(one)):  # embeddings, norms: as read
+        assert torch.equal(one[name], two[name]), name
+    assert seen[0]["nsamples"] == seen[1]["nsamples"] == distributed_worker.WINDOWS
+    assert seen[0]["overall_sparsity"] == seen[1]["overall_sparsity"] == 0.5
+    # During the run each rank had its own activation files in the work folder; rank 0 alone wrote
+    # the shards and the progress record. The output holds none of the activation files.
+    layer0 = json.loads((out / "full" / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.0.self_attn.q_proj.weight"]
+    assert seen[0]["work_files"] == sorted([
+        "activations-0.rank0.bin", "activations-0.rank1.bin", "activations-1.rank0.bin", "activations-1.rank1.bin",
+        layer0, "progress.json",
+    ])
+    assert "work_files" not in seen[1]
+    assert not list((out / "full").glob(PATTERN)) and not (out / ".full.partial").exists()
+    # Perplexity layer by layer with the windows split over the ranks: the one-process numbers.
+    tokens = make_calibration_ids(3, distributed_worker.TOKENS, seed=5).reshape(-1)
+    expected = evaluate_streamed(out / "full", tokens, distributed_worker.TOKENS, progress=False).nll_per_window
+    for r in range(2):
+        assert seen[r]["nll_per_window"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_resume_is_refused_under_torchrun_and_one_process_continues_the_run(streamed_two_ranks, capsys):
+    from d2prune.activations import PATTERN
+    from d2prune.offload import prune_checkpoint, read_progress
+
+    out = streamed_two_ranks
+    seen = [json.loads((out / f"streamed.rank{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        assert seen[r]["interrupted"]
+        assert seen[r]["resume"]["type"] == "UserError"
+        assert seen[r]["resume"]["message"].startswith("--resume cannot run under torchrun")
+    progress = read_progress(out / "interrupted")
+    assert progress["next_layer"] == 2 and progress["ranks"] == 2
+    assert len(list((out / ".interrupted.partial").glob(PATTERN))) == 4  # both ranks' files were kept
+
+    ids = make_calibration_ids(distributed_worker.WINDOWS, distributed_worker.TOKENS)
+    capsys.readouterr()
+    report, target = prune_checkpoint(out / "src", ids, distributed_worker.streamed_config(), out / "interrupted",
+                                      resume=True)
+    assert "ran on 2 ranks (torchrun), this one on 1" in capsys.readouterr().err
+    assert report.resumed_at_layer == 2 and report.overall_sparsity == 0.5
+    assert "resume_forward" in report.timings  # the ranks' activation files are not this process's
+    one, resumed = _shards(out / "one"), _shards(target)
+    assert sorted(one) == sorted(resumed)
+    _assert_same_pruning(_pruned(one), _pruned(resumed), exact=False)
+    assert not list(target.glob(PATTERN)) and not (out / ".interrupted.partial").exists()
+
+
+# --------------------------------------------------------------------------------------------------
 # the command line under torchrun
 # --------------------------------------------------------------------------------------------------
 
@@ -302,6 +447,39 @@ def test_torchrun_prune_matches_one_process_and_only_rank_0_writes(tmp_path, tok
 
 
 @needs_assets
+def test_torchrun_streamed_prune_matches_one_process(tmp_path, token_cache, monkeypatch):
+    """--offload disk under torchrun: the ranks stream the layers, rank 0 writes the sharded output,
+    and the layer-by-layer perplexity is split over the ranks."""
+    from d2prune.cli import main
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "D2PRUNE_CACHE": str(token_cache)}
+    out2 = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "d2prune", *CLI, "--output-dir", str(out2), "--dist-timeout", "60", "--offload", "disk",
+         "--activation-offload", "disk"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("run record:") == 1
+    monkeypatch.setenv("D2PRUNE_CACHE", str(token_cache))
+    out1 = tmp_path / "one"
+    assert main([*CLI, "--output-dir", str(out1), "--offload", "none"]) == 0
+
+    assert sorted(p.name for p in out2.iterdir()) == ["model", "run.json"]
+    assert (out2 / "model" / "model.safetensors.index.json").is_file()
+    one, two = _shards(out1 / "model"), _shards(out2 / "model")
+    assert len(_pruned(one)) == 4 * 7
+    _assert_same_pruning(_pruned(one), {k: two[k] for k in _pruned(one)}, exact=False)
+    rec1, rec2 = (json.loads((o / "run.json").read_text()) for o in (out1, out2))
+    assert rec2["offload"]["weights"] == "disk" and rec2["activations"]["storage"] == "disk"
+    assert rec2["nsamples"] == 4 and rec2["overall_sparsity"] == rec1["overall_sparsity"]
+    ppl1, ppl2 = (r["perplexity"]["pruned"]["wikitext2"] for r in (rec1, rec2))
+    assert ppl2["n_windows"] == ppl1["n_windows"] == 4 and ppl2["ppl"] == pytest.approx(ppl1["ppl"], rel=1e-4)
+    assert rec2["distributed"]["world_size"] == 2
+
+
+@needs_assets
 def test_a_user_mistake_on_one_rank_is_one_line_on_every_rank(tmp_path, token_cache):
     """Rank 1 alone cannot read the calibration data (its own data folder is missing)."""
     args = [sys.executable, "-m", "d2prune", *CLI, "--output-dir", str(tmp_path / "out"), "--dist-timeout", "60"]
@@ -315,6 +493,16 @@ def test_a_user_mistake_on_one_rank_is_one_line_on_every_rank(tmp_path, token_ca
         assert len(lines) == 1 and lines[0].startswith("d2prune: error: rank 1: ") and str(missing) in lines[0], err
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_under_torchrun_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    from d2prune.cli import main
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.World(rank=0, size=2))
+    assert main(["prune", str(tmp_path / "model"), "--resume", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == "d2prune: error: --resume cannot run under torchrun: resume the interrupted run in one process " \
+                  "(without torchrun)\n"
 
 
 def test_one_process_commands_refuse_torchrun(monkeypatch, capsys):

@@ -67,6 +67,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=float, default=None,
                    help=f"under torchrun: seconds to wait for another rank before failing "
                         f"(env {distributed.TIMEOUT_ENV}; default {distributed.DEFAULT_TIMEOUT_S:g})")
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--offload", default="auto",
+                     help="disk: stream one decoder layer at a time from the safetensors folder; none: load the "
+                          "whole model; auto (default): disk when the weights exceed --offload-threshold of free RAM")
+    mem.add_argument("--offload-threshold", type=float, default=0.5,
+                     help="fraction of the available memory that auto offloading allows (default 0.5; under "
+                          "torchrun shared equally by the ranks of a machine)")
+    mem.add_argument("--activation-offload", default="auto",
+                     help="calibration activations in ram, in memory-mapped files on disk, or auto (default: disk "
+                          "when they exceed --offload-threshold of free RAM)")
     zs = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness, offline task data from the data dir)")
     zs.add_argument("--zero-shot", "--eval-zero-shot", "--eval_zero_shot", dest="zero_shot", action="store_true",
                     help="also run the zero-shot tasks")
@@ -96,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--save-model", "--save_model", nargs="?", const=True, default=None,
                     help="save the pruned model (to PATH, or OUTPUT_DIR/model)")
     pr.add_argument("--no-measure-error", action="store_true", help="skip the reconstruction-error statistic (faster)")
+    pr.add_argument("--resume", default=None, metavar="OUT",
+                    help="continue an interrupted --offload disk run whose --output-dir was OUT (repeat its command)")
     ls = pr.add_argument_group("layer-wise sparsity")
     ls.add_argument("--sparsity-profile", default="uniform", help="uniform (default) or owl (outlier-weighted, per layer)")
     ls.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: per-layer sparsities within [p-λ, p+λ] (default 0.08)")
@@ -209,13 +221,18 @@ def _pattern(args: argparse.Namespace) -> str:
 
 
 def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
+    """Perplexity on every --eval set; ``model`` is a model in memory or the folder of one that is
+    evaluated layer by layer from disk (--offload disk)."""
     from .data import get_eval_tokens
     from .evaluate import evaluate_ppl
+    from .offload import evaluate_streamed
 
+    streamed = isinstance(model, Path)
     # The model lives on the CPU between phases (pruning moves one layer at a time); evaluation
     # runs the whole model on the compute device.
-    home = next(model.parameters()).device
-    model.to(args.device)
+    home = None if streamed else next(model.parameters()).device
+    if not streamed:
+        model.to(args.device)
     try:
         for i, name in enumerate(args.eval):
             if name.lower() == "none":
@@ -223,13 +240,18 @@ def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
             source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
             with distributed.current().sync(f"reading the evaluation data {source}"):
                 tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
-            res = evaluate_ppl(
-                model, tokens, args.seqlen, batch_size=args.eval_batch_size, max_windows=args.eval_windows,
-                progress=not args.no_progress,
-            )
+            options = dict(batch_size=args.eval_batch_size, max_windows=args.eval_windows, progress=not args.no_progress)
+            if streamed:
+                res = evaluate_streamed(
+                    model, tokens, args.seqlen, dtype=args.dtype, device=args.device,
+                    activation_offload=args.activation_offload, threshold=args.offload_threshold, **options,
+                )
+            else:
+                res = evaluate_ppl(model, tokens, args.seqlen, **options)
             results.setdefault(label, {})[name] = res.to_dict()
     finally:
-        model.to(home)
+        if not streamed:
+            model.to(home)
 
 
 def _zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
@@ -402,11 +424,47 @@ def _run(args: argparse.Namespace) -> int:
     args.model = args.model or args.model_opt
     if not args.model:
         raise UserError("no model given: pass a model folder, a Hub id, a .gguf file or 'smollm2-135m'")
+    from .activations import check_mode
+    from .offload import RESUME_UNDER_TORCHRUN, resolve_offload
+
+    world = distributed.current()
+    check_mode(args.activation_offload)
+    if args.offload_threshold <= 0:
+        raise UserError(f"--offload-threshold is a fraction of the available memory (> 0), got {args.offload_threshold}")
+    if args.command == "prune" and args.resume:
+        if world.size > 1:
+            raise UserError(RESUME_UNDER_TORCHRUN)
+        if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
+            raise UserError(f"--resume {args.resume} and --output-dir {args.output_dir} name different folders")
+        if args.offload == "none":
+            raise UserError("--resume continues a run that streamed the model from disk; it cannot use --offload none")
+        args.output_dir, args.offload = args.resume, "disk"
+    if args.command == "finetune":
+        if args.offload == "disk":
+            raise UserError("finetune trains the whole model in memory; --offload disk applies to prune and eval")
+        args.offload = "none"
+    if world.size > 1:
+        # [distributed] each rank holds its own copy of the model and activations: the ranks on one
+        # machine share its memory, so "auto" allows each of them an equal part of the threshold
+        args.offload_threshold /= int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    with world.sync("choosing --offload"):
+        offload = resolve_offload(args.offload, args.model, args.dtype, args.offload_threshold)
+    if world.size > 1 and args.offload == "auto":
+        # [distributed] every rank must take the same path: all stream if one of them would
+        streams = not world.all_true(offload["weights"] != "disk", "agreeing on --offload auto")
+        offload["weights"] = "disk" if streams else "none"
+    streamed = offload["weights"] == "disk"
+    if streamed:
+        from .offload import limit_heap_retention
+
+        limit_heap_retention()  # before the calibration data and the layers come and go
     if args.seqlen < 2:
         raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
     args.data_dir_path = Path(args.data_dir) if args.data_dir else default_data_dir()
     args.cache_dir_path = Path(args.cache_dir) if args.cache_dir else None
-    record: dict[str, Any] = {"command": command_line(), "versions": package_versions(), "model": args.model}
+    record: dict[str, Any] = {
+        "command": command_line(), "versions": package_versions(), "model": args.model, "offload": offload,
+    }
     timings: dict[str, float] = {}
     ppl: dict[str, dict] = {}
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -419,7 +477,10 @@ def _run(args: argparse.Namespace) -> int:
             method=_method_config(args), sparsity=args.sparsity, pattern=_pattern(args), device=args.device,
             batch_size=args.batch_size, measure_error=not args.no_measure_error, progress=not args.no_progress,
             sparsity_profile=args.sparsity_profile, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
-            layer_sparsities=_layer_sparsities(args.layer_sparsities),
+            layer_sparsities=_layer_sparsities(args.layer_sparsities), activation_offload=args.activation_offload,
+            offload_threshold=args.offload_threshold,
+            # Next to the output rather than in /tmp, which is often a RAM disk.
+            activation_dir=str(output_dir / ".activations") if output_dir else None,
         )
         args.auto_target = _target_layers(args.target_layers) == ["auto"]
         if args.auto_target and config.method.name != "d2prune":
@@ -428,14 +489,23 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--nsamples must be at least 1, got {args.nsamples}")
         if args.save_model and output_dir is None and args.save_model is True:
             raise UserError("--save-model without a path needs --output-dir")
+        if streamed:
+            _check_streamable_run(args, config, output_dir)
+    if streamed and args.zero_shot:
+        raise UserError("--zero-shot needs the whole model in memory; use --offload none")
 
     from .models import check_device
 
-    world = distributed.current()
     t0 = time.perf_counter()
     with world.sync("loading the model"):  # [distributed] a rank that cannot load stops them all
         check_device(args.device)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+        if streamed:
+            from transformers import AutoTokenizer
+
+            # The weights stay on disk; the model stands for its folder from here on.
+            model, tokenizer = Path(args.model).expanduser(), AutoTokenizer.from_pretrained(args.model)
+        else:
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     timings["load"] = time.perf_counter() - t0
 
     if args.command == "finetune":
@@ -478,7 +548,20 @@ def _run(args: argparse.Namespace) -> int:
             ))
 
     t0 = time.perf_counter()
-    if args.auto_target:
+    if streamed:
+        from .offload import prune_checkpoint, work_dir
+
+        target = Path(args.save_model) if args.save_model not in (None, True) else output_dir / "model"
+        args.interrupt_hint = (
+            f"progress is kept in {work_dir(target)}; add --resume {output_dir} to the same command to continue"
+            + (" (in one process, without torchrun)" if world.size > 1 else "")
+        )
+        report, model = prune_checkpoint(
+            args.model, calibration, config, target, dtype=args.dtype, resume=bool(args.resume),
+        )
+        args.interrupt_hint = None
+        record["saved_model"] = str(target)
+    elif args.auto_target:
         from .data import get_heldout
         from .target_search import choose_target_layers
 
@@ -503,16 +586,13 @@ def _run(args: argparse.Namespace) -> int:
         sources=_sources(args, calib_source), perplexity=ppl, timings=timings,
         prune_timings=report.timings, overall_sparsity=report.overall_sparsity, nm_structure_ok=report.nm_ok,
         layer_sparsities=report.layer_sparsities, outlier_ratios=report.outlier_ratios,
+        activations=report.activations, resumed_at_layer=report.resumed_at_layer,
         linears=report.to_dict()["linears"],
     )
-    if args.save_model:
+    if args.save_model and not streamed:
         target = Path(args.save_model) if args.save_model is not True else output_dir / "model"
         t0 = time.perf_counter()
-        save_pruned(model, tokenizer, target, {
-            "method": config.method.name, "config": report.config, "pattern": str(config.pattern),
-            "overall_sparsity": report.overall_sparsity,
-            "linears": {lin.name: lin.sparsity for lin in report.linears},
-        })
+        save_pruned(model, tokenizer, target, report.sparsity_record())
         timings["save"] = time.perf_counter() - t0
         record["saved_model"] = str(target)
 
@@ -560,6 +640,16 @@ def _join_ranks(args: argparse.Namespace) -> bool:
     return True
 
 
+def _check_streamable_run(args: argparse.Namespace, config, output_dir: Path | None) -> None:
+    """What a prune that streams the model from disk needs (it writes the model as it goes)."""
+    if output_dir is None:
+        raise UserError("--offload disk writes the pruned model as it goes: it needs --output-dir")
+    if args.auto_target:
+        raise UserError("--target-layers auto prunes several copies of the model in memory; use --offload none")
+    if config.method.needs_gradients:
+        raise UserError(f"{config.method.name} needs a full-model gradient pass; use --offload none")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -574,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2prune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("d2prune: interrupted; no run record or model was written for this run", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None) or "no run record or model was written for this run"
+        print(f"d2prune: interrupted; {hint}", file=sys.stderr)
         if args.command == "finetune" and args.save_steps:
             print(f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
                   file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .activations import check_mode
 from .errors import UserError
 from .methods import MethodConfig, method_config
 from .patterns import Pattern, SparsityTarget
@@ -29,6 +30,12 @@ class PruneConfig:
     batch_size: int = 1
     measure_error: bool = True
     progress: bool = True
+    # Calibration activations: "ram" (on the compute device), "disk" (memory-mapped files in
+    # ``activation_dir``, a temporary folder if None) or "auto" (disk when both buffers would take
+    # more than ``offload_threshold`` of the available memory).
+    activation_offload: str = "auto"
+    activation_dir: str | None = None
+    offload_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         self.method = method_config(self.method)
@@ -47,6 +54,9 @@ class PruneConfig:
                 raise UserError(f"OWL needs 0 <= lambda < 0.5 and M > 0, got lambda={self.owl_lambda}, M={self.owl_m}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+        check_mode(self.activation_offload)
+        if not 0 < self.offload_threshold:
+            raise UserError(f"the offload threshold is a fraction of the available memory (> 0), got {self.offload_threshold}")
 
     def target(self, layer_index: int, num_layers: int) -> SparsityTarget:
         if self.pattern.is_nm:
@@ -70,6 +80,8 @@ class PruneConfig:
             "device": self.device,
             "batch_size": self.batch_size,
             "measure_error": self.measure_error,
+            "activation_offload": self.activation_offload,
+            "offload_threshold": self.offload_threshold,
         }
 
 
@@ -98,6 +110,8 @@ class PruneReport:
     weights: int = 0
     layer_sparsities: list[float] = field(default_factory=list)
     outlier_ratios: list[float] | None = None
+    activations: dict[str, Any] | None = None
+    resumed_at_layer: int | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -109,6 +123,16 @@ class PruneReport:
         checks = [lin.nm_violations for lin in self.linears if lin.nm_violations is not None]
         return None if not checks else all(v == 0 for v in checks)
 
+    def sparsity_record(self) -> dict[str, Any]:
+        """What ``sparsity.json`` next to a saved pruned model holds."""
+        return {
+            "method": self.config["method"]["name"],
+            "config": self.config,
+            "pattern": self.config["pattern"],
+            "overall_sparsity": self.overall_sparsity,
+            "linears": {lin.name: lin.sparsity for lin in self.linears},
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
@@ -119,5 +143,7 @@ class PruneReport:
             "outlier_ratios": self.outlier_ratios,
             "nm_structure_ok": self.nm_ok,
             "timings": self.timings,
+            "activations": self.activations,
+            "resumed_at_layer": self.resumed_at_layer,
             "linears": [asdict(lin) for lin in self.linears],
         }

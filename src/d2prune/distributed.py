@@ -12,6 +12,10 @@ calibration set, and then:
 * prunes only the linears assigned to it (``assign``: largest work first, each to the least loaded
   rank) and broadcasts the pruned weights (``share_pruned``), so every rank runs the same pruned layer.
 
+Streamed from disk (``offload.prune_checkpoint``, ``--offload disk``): every rank reads each layer
+from the checkpoint and keeps its activation files apart (``World.file_rank``); rank 0 alone writes
+the output shards, the progress record and the finished folder. ``--resume`` runs in one process only.
+
 Errors: local work between collectives runs inside ``World.sync``, whose end exchanges an error flag,
 so an exception on one rank is raised on every rank (a ``UserError`` as the same one-line error). A
 rank that dies or hangs is caught by the process-group timeout (or a closed connection): the others
@@ -63,6 +67,12 @@ class World:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    @property
+    def file_rank(self) -> int | None:
+        """What names this rank's own files next to the other ranks' (activation buffers): the rank
+        with several ranks, None on one process (whose file names carry no rank)."""
+        return self.rank if self.size > 1 else None
+
     # -- sharding ------------------------------------------------------------------------------
 
     def bounds(self, n: int) -> tuple[int, int]:
@@ -93,6 +103,11 @@ class World:
         except Exception as exc:  # KeyboardInterrupt is left alone: torchrun stops every rank
             failure = exc
         self._agree(failure, what)
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank got here (e.g. before rank 0 acts on files the others wrote)."""
+        if self.size > 1:
+            self._agree(None, what)
 
     def _agree(self, failure: Exception | None, what: str) -> None:
         import torch.distributed as dist

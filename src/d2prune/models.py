@@ -393,17 +393,12 @@ def _save_folder_atomic(model, tokenizer, out_dir: Path, extra_json: dict[str, d
     if parent.is_dir():
         _clean_stale_temps(out_dir)
     # Serialise before writing anything: a bad record must fail first.
-    payloads = {
-        fname: json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
-        for fname, data in extra_json.items()
-    }
+    payloads = {fname: record_text(data) for fname, data in extra_json.items()}
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output folder {parent}: {exc}") from None
-    pid = os.getpid()
-    tmp = parent / f".{name}.tmp-{pid}"
-    old = parent / f".{name}.old-{pid}"
+    tmp = parent / f".{name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
         model = make_savable(model)
@@ -419,31 +414,48 @@ def _save_folder_atomic(model, tokenizer, out_dir: Path, extra_json: dict[str, d
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for fname, text in payloads.items():
-            with open(tmp / fname, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-        # Swap into place: an existing folder is only moved aside once the new one is complete.
-        if out_dir.exists():
-            if any(out_dir.iterdir()) and not replace:
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif any(out_dir.iterdir()):
-                os.rename(out_dir, old)
-                try:
-                    os.rename(tmp, out_dir)
-                except BaseException:
-                    os.rename(old, out_dir)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                out_dir.rmdir()
-                os.rename(tmp, out_dir)
-        else:
-            os.rename(tmp, out_dir)
+            write_synced(tmp / fname, text)
+        move_into_place(tmp, out_dir, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def move_into_place(tmp: Path, out_dir: Path, replace: bool = True) -> None:
+    """Rename the complete folder ``tmp`` to ``out_dir``; an existing non-empty ``out_dir`` is only
+    moved aside (``.{name}.old-<pid>``) once the new one is complete, then deleted. With
+    ``replace=False`` an existing non-empty ``out_dir`` wins and ``tmp`` is deleted."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        if any(out_dir.iterdir()) and not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif any(out_dir.iterdir()):
+            os.rename(out_dir, old)
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out_dir.rmdir()
+            os.rename(tmp, out_dir)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def record_text(data: dict) -> str:
+    """A JSON record (``sparsity.json`` and the like) as text; numpy/torch values become plain ones."""
+    return json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
+def write_synced(path: Path, text: str) -> None:
+    """Write ``text`` and fsync it: the rename that publishes the folder must not outrun the data."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_pruned(model, tokenizer, out_dir: str | Path, sparsity_record: dict) -> Path:

@@ -16,27 +16,31 @@ from .methods.wanda import InputNormStats
 
 
 @torch.no_grad()
-def outlier_ratios(model, batches: list[dict], m: float, device: torch.device, progress: bool = True) -> list[float]:
+def outlier_ratios(
+    model, batches: list[dict], m: float, device: torch.device, progress: bool = True, store=None
+) -> list[float]:
     """Per decoder layer: 100 × fraction of the layer's Wanda scores above ``m`` × their mean.
 
-    Each layer sees the dense outputs of the layers before it (nothing is pruned here). Under
+    Each layer sees the dense outputs of the layers before it (nothing is pruned here). ``store``
+    (a ``pipeline.LayerStore``) says where the layers live; default: in ``model``. Under
     ``torchrun`` each rank runs its share of the batches and the norms are summed over ranks.
     """
-    from .pipeline import capture_inputs_and_arguments, run_layer
+    from .activations import Activations
+    from .pipeline import LayerStore, capture_inputs_and_arguments, run_layer
 
     world = distributed.current()
+    store = store or LayerStore()
     stack = find_decoder_stack(model)
     local, _ = world.shard(batches)  # [distributed]
-    with world.sync("capturing the layer-0 inputs for OWL"):
-        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device)
+    # Always in memory: this dense pass is not resumable, and its buffers are freed at the end.
+    acts = Activations("ram", device)
+    with world.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
+        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
     sizes = [b["input_ids"].shape[0] for b in local]
-    outs = torch.empty_like(inps)
     ratios = []
-    for layer, extras in tqdm(
+    for index, (layer, extras) in enumerate(tqdm(
         zip(stack.layers, layer_extras), total=len(layer_extras), desc="OWL outlier ratios", disable=not progress
-    ):
-        home = next(layer.parameters()).device
-        layer.to(device)
+    )):
         linears = find_linears(layer)
         stats = {name: InputNormStats(lin.in_features, device) for name, lin in linears.items()}
         handles = [
@@ -44,8 +48,9 @@ def outlier_ratios(model, batches: list[dict], m: float, device: torch.device, p
             for name, lin in linears.items()
         ]
         try:
-            with world.sync("the OWL statistics pass"):
-                run_layer(layer, inps, extras, sizes, outs)
+            with world.sync(f"the OWL statistics pass of layer {index}"):
+                store.fetch(index, layer, device)
+                run_layer(layer, acts.inps, extras, sizes, acts.outs)
         finally:
             for h in handles:
                 h.remove()
@@ -54,8 +59,9 @@ def outlier_ratios(model, batches: list[dict], m: float, device: torch.device, p
             [(lin.weight.float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
         )
         ratios.append(float((scores > m * scores.mean()).float().mean()) * 100)
-        layer.to(home)
-        inps, outs = outs, inps
+        store.release(index, layer, save=False)
+        acts.swap()
+    acts.close()
     return ratios
 
 

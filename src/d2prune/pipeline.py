@@ -8,7 +8,8 @@ the current layer and the activations need to be on the compute device.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .activations import Activations
 from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
@@ -96,7 +98,8 @@ def move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.devi
             continue
         for store in (module._parameters, module._buffers):
             for tensor in store.values():
-                if tensor is None or id(tensor) in previous:
+                # Meta tensors belong to a streamed model that loads what it needs itself.
+                if tensor is None or id(tensor) in previous or tensor.is_meta:
                     continue
                 previous[id(tensor)] = (tensor, tensor.device)
                 if device is not None:
@@ -135,47 +138,76 @@ def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, tor
 
 
 def _record_layer_calls(
-    model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device, upto: int
-) -> list[list[tuple[torch.Tensor, tuple, dict]]]:
-    """Run every batch through the model with decoder layers 0..upto replaced by catchers; returns,
-    per batch, each of those layers' (hidden states, positional args, keyword args). Layers before
-    ``upto`` hand their input on unchanged; layer ``upto`` stops the forward pass."""
+    model: nn.Module,
+    stack: DecoderStack,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    upto: int,
+    on_batch: Callable[[int, list[tuple[torch.Tensor, tuple, dict]]], None],
+) -> None:
+    """Run every batch through the model with decoder layers 0..upto replaced by catchers; hands
+    ``on_batch`` the batch index and each of those layers' (hidden states, positional args, keyword
+    args). Layers before ``upto`` hand their input on unchanged; layer ``upto`` stops the forward pass."""
     catchers = [_Catcher(stack.layers[i], passthrough=i < upto) for i in range(upto + 1)]
     for i, catcher in enumerate(catchers):
         stack.layers[i] = catcher
     previous = move_outside_stack(model, stack, device)
-    calls = []
     try:
-        for batch in batches:
+        for b, batch in enumerate(batches):
             try:
                 model(**to_device(batch, device), use_cache=False)
             except _Stop:
                 pass
             else:
                 raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer {upto}")
-            calls.append([catcher.calls.pop() for catcher in catchers])
+            on_batch(b, [catcher.calls.pop() for catcher in catchers])
     finally:
         for i, catcher in enumerate(catchers):
             stack.layers[i] = catcher.layer
         restore_outside_stack(previous)
-    return calls
 
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    model: nn.Module,
+    stack: DecoderStack,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    activations: Activations | None = None,
+    keep_inputs: bool = False,
+) -> tuple[torch.Tensor | None, list[tuple[tuple, dict]]]:
     """Run the model up to decoder layer 0 for every batch.
 
     Returns the hidden states (windows, tokens, hidden) in the model dtype, and per batch the other
     positional and keyword arguments the layer receives (masks, positions, rotary embeddings).
+    With ``activations`` the hidden states are written into its input buffer (allocated here) batch
+    by batch; with ``keep_inputs`` they are dropped (the buffer already holds a resumed run's inputs)
+    and only the arguments are returned.
     """
     extras: list[tuple[tuple, dict]] = []
-    hidden_list = []
-    for [(hidden, rest, kwargs)] in _record_layer_calls(model, stack, batches, device, upto=0):
-        hidden_list.append(hidden)
+    hidden_list: list[torch.Tensor] = []
+    total = sum(b["input_ids"].shape[0] for b in batches)
+    start = 0
+
+    def on_batch(_: int, calls: list) -> None:
+        nonlocal start
+        [(hidden, rest, kwargs)] = calls
         extras.append(_layer_extra(rest, kwargs, extras))
-    return torch.cat(hidden_list), extras
+        if keep_inputs:
+            return
+        if activations is None:
+            hidden_list.append(hidden)
+            return
+        if not activations.allocated:
+            activations.allocate((total, *hidden.shape[1:]), hidden.dtype)
+        # Written as it comes, so a disk buffer never needs all windows in memory at once.
+        activations.inps[start : start + hidden.shape[0]] = hidden
+        start += hidden.shape[0]
+
+    _record_layer_calls(model, stack, batches, device, 0, on_batch)
+    if keep_inputs:
+        return None, extras
+    return (activations.inps if activations is not None else torch.cat(hidden_list)), extras
 
 
 def _layer_extra(rest: tuple, kwargs: dict, seen: list) -> tuple[tuple, dict]:
@@ -195,26 +227,35 @@ def _mixed_layer_types(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def capture_inputs_and_arguments(
-    model: nn.Module, stack: DecoderStack, batches: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[torch.Tensor, list[list[tuple[tuple, dict]]]]:
+    model: nn.Module,
+    stack: DecoderStack,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    activations: Activations | None = None,
+    keep_inputs: bool = False,
+) -> tuple[torch.Tensor | None, list[list[tuple[tuple, dict]]]]:
     """Layer-0 hidden states and, per decoder layer, per batch, the other arguments it receives.
 
     Most models give every layer the same arguments. Models that mix attention types across layers
     (``config.layer_types``: sliding-window and full attention) give each type its own mask, so for
     them every layer's arguments are recorded in a pass where each layer hands its input on unchanged.
+    ``activations`` and ``keep_inputs`` are as for ``capture_layer_inputs``.
     """
-    inps, extras = capture_layer_inputs(model, stack, batches, device)
+    inps, extras = capture_layer_inputs(model, stack, batches, device, activations, keep_inputs)
     num_layers = len(stack.layers)
     if not _mixed_layer_types(model):
         return inps, [extras] * num_layers
     per_layer: list[list[tuple[tuple, dict]]] = [[] for _ in range(num_layers)]
     seen: list = []
-    for layer_calls in _record_layer_calls(model, stack, batches, device, upto=num_layers - 1):
+
+    def on_batch(_: int, layer_calls: list) -> None:
         for i, (_, rest, kwargs) in enumerate(layer_calls):
             extra = _layer_extra(rest, kwargs, seen)
             if not any(extra is old for old in seen):
                 seen.append(extra)
             per_layer[i].append(extra)
+
+    _record_layer_calls(model, stack, batches, device, num_layers - 1, on_batch)
     return inps, per_layer
 
 
@@ -258,6 +299,22 @@ class _LayerStats:
             handle.remove()
 
 
+class _LastUseGram(Gram):
+    """A Gram read for the last time: its Hessian is scaled in place and the float64 sum is freed as
+    soon as the float32 Hessian is made, so the solve runs without the sum and without a second c×c
+    float64 (a 6912-wide down_proj: 364 MiB each). Same values as ``Gram.hessian``. The sum is gone
+    afterwards, loudly. Under torchrun the sum was already summed over the ranks."""
+
+    def __init__(self, gram: Gram):
+        self.sum: torch.Tensor | None = gram.sum
+        self.nsamples = gram.nsamples
+
+    def hessian(self) -> torch.Tensor:
+        h, self.sum = self.sum, None
+        assert h is not None, "a last-use Gram gives its Hessian once"
+        return h.mul_(2.0 / max(self.nsamples, 1)).float()
+
+
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over the calibration inputs, from the Gram: tr(ΔW S ΔWᵀ)/tr(W S Wᵀ)."""
     delta = old - new
@@ -267,18 +324,61 @@ def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
+class LayerStore:
+    """Where the decoder layers' weights live between their turns; this default keeps them in the
+    model and moves each to the compute device for its turn. ``offload.StreamedStore`` instead loads
+    each layer from the checkpoint, writes it out pruned and frees it, and can resume a run."""
+
+    def __init__(self) -> None:
+        self._homes: dict[int, torch.device] = {}
+
+    def restore(self, report: PruneReport) -> int:
+        """The first layer still to prune (0, or more when resuming; ``report`` then gets the earlier
+        layers' entries)."""
+        return 0
+
+    def activations(self, config: PruneConfig, device: torch.device) -> Activations:
+        """Empty activation buffers, or a resumed run's (already holding the inputs of its next layer)."""
+        return Activations(config.activation_offload, device, config.activation_dir, config.offload_threshold,
+                           rank=distributed.current().file_rank)
+
+    @contextmanager
+    def outside_stack(self, device: torch.device) -> Iterator[None]:
+        """Make the weights outside the decoder stack that the forward up to layer 0 needs available."""
+        yield
+
+    def fetch(self, index: int, layer: nn.Module, device: torch.device, pruned: bool = False) -> None:
+        """Put layer ``index`` on ``device``; ``pruned``: as written after pruning (re-runs on resume)."""
+        self._homes[index] = next(layer.parameters()).device
+        layer.to(device)
+
+    def release(self, index: int, layer: nn.Module, save: bool) -> None:
+        """Done with layer ``index``; ``save``: it was just pruned and must be kept."""
+        layer.to(self._homes.pop(index))
+
+    def layer_done(self, index: int, report: PruneReport, activations: Activations) -> None:
+        """Called once layer ``index`` is pruned and its outputs are the current activations."""
+
+    def close(self, activations: Activations, completed: bool) -> None:
+        activations.close(delete=True)
+
+
 @torch.no_grad()
-def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None) -> PruneReport:
+def prune(
+    model: nn.Module, calibration: Any, config: PruneConfig | None = None, *, store: LayerStore | None = None
+) -> PruneReport:
     """Prune ``model`` in place, layer by layer, with ``calibration`` token ids; returns a report.
 
     ``calibration``: a LongTensor (windows, tokens), or an iterable of such batches or of dicts with
-    ``input_ids`` (and optionally ``attention_mask``).
+    ``input_ids`` (and optionally ``attention_mask``). ``store``: where the layers live (default: in
+    ``model``); see ``offload.prune_checkpoint`` for models streamed from disk.
 
     Under ``torchrun`` (a process group of several ranks) this is a collective call: every rank
     passes the same model, calibration and config, runs its share of the windows, and ends with the
     same pruned weights (see ``d2prune.distributed``).
     """
     config = config or PruneConfig()
+    store = store or LayerStore()
     world = distributed.current()  # [distributed] one process unless a process group is running
     t_start = time.perf_counter()
     device = torch.device(config.device)
@@ -296,103 +396,183 @@ def prune(model: nn.Module, calibration: Any, config: PruneConfig | None = None)
     was_training = model.training
     model.eval()
     batches = calibration_batches(calibration, config.batch_size)
+    # [distributed] this rank's calibration batches (``report.nsamples`` stays the global count);
+    # ``first_window`` is the global index of its first window
+    local, lo = world.shard(batches)
+    first_window = sum(b["input_ids"].shape[0] for b in batches[:lo])
     if method.needs_gradients:
         from .gradients import attach_gradients
 
         method = attach_gradients(method, model, batches, device, config.progress)
     report = PruneReport(config={**config.to_dict(), "method": method.to_dict()})
     timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
+    start = store.restore(report)
+    # A resumed run's timings add to those of the run it continues.
+    timings.update(report.timings)
+    earlier_total = timings.pop("total", 0.0)
 
     targets = [config.target(i, num_layers) for i in range(num_layers)]
-    if config.sparsity_profile == "owl":
+    if report.layer_sparsities:  # restored by a resumed run: no second OWL pass
+        targets = [SparsityTarget(p, config.pattern) for p in report.layer_sparsities]
+    elif config.sparsity_profile == "owl":
         from .owl import outlier_ratios, owl_sparsities
 
         t0 = time.perf_counter()
-        report.outlier_ratios = outlier_ratios(model, batches, config.owl_m, device, config.progress)
+        report.outlier_ratios = outlier_ratios(model, batches, config.owl_m, device, config.progress, store)
         layer_sparsities = owl_sparsities(report.outlier_ratios, config.sparsity, config.owl_lambda)
         targets = [SparsityTarget(p, config.pattern) for p in layer_sparsities]
         timings["owl"] = time.perf_counter() - t0
     report.layer_sparsities = [t.sparsity for t in targets]
-
-    t0 = time.perf_counter()
-    # [distributed] this rank's calibration batches; ``first`` is the global index of its first window
-    local, lo = world.shard(batches)
-    first = sum(b["input_ids"].shape[0] for b in batches[:lo])
-    with world.sync("capturing the layer-0 inputs"):
-        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device)
+    report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), batches[0]["input_ids"].shape[1]
     sizes = [b["input_ids"].shape[0] for b in local]
-    timings["capture"] = time.perf_counter() - t0
-    report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), inps.shape[1]
-    outs = torch.empty_like(inps)
 
+    acts = store.activations(config, device)
+    completed = False
     try:
-        for index in tqdm(range(num_layers), desc="pruning layers", disable=not config.progress):
-            layer = layers[index]
-            home = next(layer.parameters()).device
-            layer.to(device)
-            target = targets[index]
-            linears = find_linears(layer)
-            pruners = {
-                name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}")
-                for name, lin in linears.items()
-            }
-            gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
-            for pruner in pruners.values():
-                pruner.begin(first)
-
+        if start < num_layers:
+            # A resumed run whose activation file was kept starts from it; without one it re-runs
+            # the pruned layers before ``start`` (deterministic, so the result is the same).
+            kept = acts.allocated
+            first = start if kept else 0
             t0 = time.perf_counter()
-            stats = _LayerStats(linears, pruners, gram_names)
-            try:
-                with world.sync(f"collecting statistics in layer {index}"):
-                    run_layer(layer, inps, layer_extras[index], sizes, None, stats)
-            finally:
-                stats.remove()
-            # [distributed] sum the statistics over ranks (Grams and every pruner's Statistic tensors)
-            distributed.reduce_statistics(world, [*pruners.values(), *stats.grams.values()], f"statistics of layer {index}")
-            timings["statistics"] += time.perf_counter() - t0
-
+            with world.sync("capturing the layer-0 inputs"), store.outside_stack(device):
+                _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts, kept)
+            timings["capture"] += time.perf_counter() - t0
+            report.activations = acts.describe()
             t0 = time.perf_counter()
-            # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
-            owners = distributed.assign({name: p.work() for name, p in pruners.items()}, world.size)
-            done: dict[str, tuple[float | None, float]] = {}
-            with world.sync(f"pruning layer {index}"):
-                for name, lin in linears.items():
-                    if owners[name] == world.rank:
-                        done[name] = _prune_linear(lin, pruners[name], target, stats.grams.get(name), config.measure_error)
-            done = distributed.share_pruned(world, linears, owners, done)
-            for name, lin in linears.items():
-                error, seconds = done[name]
-                zeros = int((lin.weight.data == 0).sum())
-                report.zeros += zeros
-                report.weights += lin.weight.numel()
-                nm = target.pattern
-                report.linears.append(
-                    LinearReport(
-                        name=f"{stack.path}.{index}.{name}",
-                        layer=index,
-                        target_sparsity=target.sparsity,
-                        sparsity=zeros / lin.weight.numel(),
-                        relative_error=error,
-                        nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
-                        weight_update=pruners[name].updates_weights,
-                        seconds=seconds,
-                    )
-                )
-            del stats, pruners
-            timings["prune"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            with world.sync(f"running the pruned layer {index}"):
-                run_layer(layer, inps, layer_extras[index], sizes, outs)
-            timings["pruned_forward"] += time.perf_counter() - t0
-            layer.to(home)
-            inps, outs = outs, inps
+            forward_layers(stack, store, acts, layer_extras, sizes, range(first, start), device, pruned=True,
+                           progress=config.progress, desc="re-running pruned layers")
+            if start > first:
+                timings["resume_forward"] = timings.get("resume_forward", 0.0) + time.perf_counter() - t0
+            for index in tqdm(range(start, num_layers), desc="pruning layers", disable=not config.progress):
+                layer = layers[index]
+                with world.sync(f"loading layer {index}"):
+                    store.fetch(index, layer, device)
+                _prune_layer(layer, index, stack, method, targets[index], config, acts, layer_extras[index], sizes,
+                             report, timings, world, first_window)
+                with world.sync(f"saving layer {index}"):
+                    store.release(index, layer, save=True)
+                    acts.swap()
+                    report.timings = timings
+                    store.layer_done(index, report, acts)
+        completed = True
     finally:
+        store.close(acts, completed)
         if was_training:
             model.train()
-    timings["total"] = time.perf_counter() - t_start
+    timings["total"] = earlier_total + time.perf_counter() - t_start
     report.timings = timings
     return report
+
+
+def forward_layers(
+    stack: DecoderStack,
+    store: LayerStore,
+    acts: Activations,
+    layer_extras: list,
+    sizes: list[int],
+    indices: Iterable[int],
+    device: torch.device,
+    pruned: bool,
+    progress: bool = False,
+    desc: str = "layers",
+) -> None:
+    """Run decoder layers ``indices`` in turn over the activations (no pruning): each layer's
+    outputs become the next one's inputs."""
+    indices = list(indices)
+    for index in tqdm(indices, desc=desc, disable=not progress or not indices):
+        layer = stack.layers[index]
+        store.fetch(index, layer, device, pruned=pruned)
+        run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs)
+        store.release(index, layer, save=False)
+        acts.swap()
+
+
+def _prune_layer(
+    layer: nn.Module,
+    index: int,
+    stack: DecoderStack,
+    method: Any,
+    target: SparsityTarget,
+    config: PruneConfig,
+    acts: Activations,
+    extras: list,
+    sizes: list[int],
+    report: PruneReport,
+    timings: dict[str, float],
+    world: distributed.World,
+    first_window: int,
+) -> None:
+    """Statistics pass, pruning of every linear, pruned forward (outputs into ``acts.outs``).
+
+    ``world``: the ranks that share the calibration windows; ``first_window`` is the global index of
+    this rank's first window.
+    """
+    linears = find_linears(layer)
+    pruners = {
+        name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}") for name, lin in linears.items()
+    }
+    gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
+    for pruner in pruners.values():
+        pruner.begin(first_window)
+
+    t0 = time.perf_counter()
+    stats = _LayerStats(linears, pruners, gram_names)
+    try:
+        with world.sync(f"collecting statistics in layer {index}"):
+            run_layer(layer, acts.inps, extras, sizes, None, stats)
+    finally:
+        stats.remove()
+    # [distributed] sum the statistics over ranks (every pruner's Statistic tensors, and each Gram
+    # once even when q/k/v or gate/up share it), before any Gram is read or made a Hessian in place
+    distributed.reduce_statistics(world, [*pruners.values(), *stats.grams.values()], f"statistics of layer {index}")
+    timings["statistics"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
+    owners = distributed.assign({name: p.work() for name, p in pruners.items()}, world.size)
+    updates = {name: p.updates_weights for name, p in pruners.items()}
+    for name in linears:
+        if owners[name] != world.rank:  # another rank's: its statistics are not needed here
+            del pruners[name]
+            stats.grams.pop(name, None)
+    done: dict[str, tuple[float | None, float]] = {}
+    with world.sync(f"pruning layer {index}"):
+        for name, lin in linears.items():
+            if name not in pruners:
+                continue
+            # Popped, so each Gram (c×c) is freed as soon as the last linear reading it is done.
+            pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
+            if gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values()):
+                gram = _LastUseGram(gram)
+            done[name] = _prune_linear(lin, pruner, target, gram, config.measure_error)
+            del pruner, gram
+    done = distributed.share_pruned(world, linears, owners, done)
+    for name, lin in linears.items():
+        error, seconds = done[name]
+        zeros = int((lin.weight.data == 0).sum())
+        report.zeros += zeros
+        report.weights += lin.weight.numel()
+        nm = target.pattern
+        report.linears.append(
+            LinearReport(
+                name=f"{stack.path}.{index}.{name}",
+                layer=index,
+                target_sparsity=target.sparsity,
+                sparsity=zeros / lin.weight.numel(),
+                relative_error=error,
+                nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
+                weight_update=updates[name],
+                seconds=seconds,
+            )
+        )
+    del stats, pruners
+    timings["prune"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with world.sync(f"running the pruned layer {index}"):
+        run_layer(layer, acts.inps, extras, sizes, acts.outs)
+    timings["pruned_forward"] += time.perf_counter() - t0
 
 
 def _prune_linear(
@@ -403,6 +583,7 @@ def _prune_linear(
     old = lin.weight.data.float().clone() if measure_error else None
     new = pruner.prune(lin.weight.data, target, gram)
     lin.weight.data.copy_(new.to(lin.weight.dtype))
+    del new
     error = _relative_error(old, lin.weight.data.float(), gram) if measure_error else None
     return error, time.perf_counter() - t0
 
@@ -410,10 +591,15 @@ def _prune_linear(
 def run_layer(
     layer: nn.Module, inps: torch.Tensor, extras: list, sizes: list[int], outs: torch.Tensor | None, stats=None
 ) -> None:
-    """Run ``layer`` over all calibration batches (``outs`` receives its outputs when given)."""
+    """Run ``layer`` over all calibration batches (``outs`` receives its outputs when given).
+
+    The activations may live elsewhere than the layer (a file on disk, host memory for a GPU layer):
+    each batch is moved to the layer's device and its output back.
+    """
+    device = next(layer.parameters()).device
     start = 0
     for size, (rest, kwargs) in zip(sizes, extras):
-        out = layer(inps[start : start + size], *rest, **kwargs)
+        out = layer(inps[start : start + size].to(device), *rest, **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if outs is not None:
