@@ -7,14 +7,16 @@ D²Prune (v_proj un-updated) and SparseGPT at 50% and 70%, save each model (shar
 windows of 512 tokens (seed 1234). Results: ``benchmarks/results/attention_smollm2.json``, an overlay
 plot per sparsity in ``benchmarks/results/attention_smollm2_<p>.png``, a table in ``benchmarks/README.md``.
 
-    .venv/bin/python benchmarks/attention.py
+    .venv/bin/python benchmarks/attention.py [--table-only]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
-from common import BENCH_README, RESULTS_DIR, ROOT, pruned_model, run_d2prune, save_results, replace_block
+from common import (BENCH_README, RESULTS_DIR, ROOT, load_results, pruned_model, replace_block, run_d2prune, save_results,
+                    start_launcher)
 
 MARK_BEGIN, MARK_END = "<!-- attention-table:begin -->", "<!-- attention-table:end -->"
 METHODS = {
@@ -22,9 +24,14 @@ METHODS = {
     "sparsegpt": ["--method", "sparsegpt"],
 }
 SPARSITIES = ["0.5", "0.7"]
+RESULTS = RESULTS_DIR / "attention_smollm2.json"
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--table-only"]:
+        write_table(load_results(RESULTS))
+        return
+    start_launcher()  # before torch is imported (peak RSS, see common.py)
     from d2prune.attention import plot_attention_diagnostics
 
     records = []
@@ -40,8 +47,12 @@ def main() -> None:
             records.append({"method": name, "sparsity": float(p), "mean": res["mean"], "layers": res["layers"],
                             "commands": [prune_cmd, run["command"]], "attention_wall_s": run["wall_s"]})
         plot_attention_diagnostics(results, RESULTS_DIR / f"attention_smollm2_{p}.png")
-    save_results(RESULTS_DIR / "attention_smollm2.json", records)
+    save_results(RESULTS, records)
+    write_table(records)
 
+
+def write_table(records: list[dict]) -> None:
+    """The mean-over-layers table, and D²Prune's RMSE change against SparseGPT per sparsity."""
     lines = ["| sparsity | method | RMSE | relative RMSE | KL | entropy change | top-8 mass (dense → pruned) |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
