@@ -10,6 +10,7 @@ which starts each command and reports back.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -68,25 +69,32 @@ def start_launcher() -> Launcher:
     return _launcher
 
 
-def shown(args: list[str]) -> str:
-    """The command as a user would type it."""
-    return " ".join(shlex.quote(a) for a in ["d2prune", *args])
+def shown(args: list[str], launcher: list[str] | None = None) -> str:
+    """The command as a user would type it (``launcher``: e.g. ``torchrun --nproc-per-node 2``)."""
+    prefix = ["d2prune"] if launcher is None else [*launcher, "-m", "d2prune"]
+    return " ".join(shlex.quote(a) for a in [*prefix, *args])
 
 
 def run_d2prune(name: str, args: list[str], out_dir: Path, launcher: list[str] | None = None,
                 env: dict[str, str] | None = None) -> dict:
     """Run ``d2prune ARGS --output-dir OUT`` in its own process; its run record, wall time and peak RSS.
 
-    ``launcher`` prefixes the command (e.g. torchrun and its options, then ``-m d2prune``).
+    ``launcher``: e.g. ``["torchrun", "--nproc-per-node", "2"]``, which then runs ``-m d2prune``
+    (its console script lives next to this interpreter too); the peak RSS is then the largest of the
+    launcher and the processes it waited for. ``env`` adds environment variables (e.g. OMP_NUM_THREADS).
     """
-    exe = launcher or [str(Path(sys.executable).parent / "d2prune")]
-    cmd = [*exe, *args, "--output-dir", str(out_dir), "--no-progress"]
+    if launcher is None:
+        cmd = [str(Path(sys.executable).parent / "d2prune")]
+    else:
+        cmd = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:], "-m", "d2prune"]
+    cmd += [*args, "--output-dir", str(out_dir), "--no-progress"]
     res = start_launcher().run(cmd, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=ROOT)
     if res["returncode"] != 0:
         raise SystemExit(f"{name} failed:\n{res['output']}")
     record_file = out_dir / "run.json"  # `d2prune attention` writes attention.json instead
     record = json.loads(record_file.read_text()) if record_file.exists() else None
-    return {"name": name, "command": shown(args), "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
+    return {"name": name, "command": shown(args, launcher), "wall_s": res["wall_s"],
+            "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
             "record": record}
 
 
@@ -136,3 +144,27 @@ def pruned_model(name: str, method_args: list[str], sparsity: str, model: str = 
     run_d2prune(name, args, out)
     stamp.write_text(shown(args))
     return out / "model", shown(args)
+
+
+def protocol_arguments(ap: argparse.ArgumentParser, results: Path, readme: Path, runs: Path) -> None:
+    """Options shared by the run-and-tabulate benchmarks: the quick protocol, where the results, the
+    table and the run folders go, ``--dry-run`` and ``--table-only``."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--results", type=Path, default=results)
+    ap.add_argument("--readme", type=Path, default=readme)
+    ap.add_argument("--runs-dir", type=Path, default=runs)
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
+
+
+def parse_in_root(ap: argparse.ArgumentParser, runs: Path) -> argparse.Namespace:
+    """Parse, make the given paths absolute, then work from the project root. The default runs
+    folder stays relative to it, so the recorded commands stay short."""
+    a = ap.parse_args()
+    a.results, a.readme = a.results.resolve(), a.readme.resolve()
+    a.runs_dir = a.runs_dir if a.runs_dir == runs else a.runs_dir.resolve()
+    os.chdir(ROOT)
+    return a

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from common import BENCH_README as README
-from common import RESULTS_DIR, ROOT, load_results, replace_block, run_d2prune, save_results, shown
+from common import (RESULTS_DIR, load_results, parse_in_root, protocol_arguments, replace_block, run_d2prune,
+                    save_results, shown)
 from quality import METHODS, setting_args
 
 RESULTS = RESULTS_DIR / "lora_smollm2.json"
@@ -107,20 +107,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=512, help="tokens per training block (default 512)")
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, the recipe's)")
     ap.add_argument("--warmup-steps", type=int, default=5)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--readme", type=Path, default=README)
-    ap.add_argument("--runs-dir", type=Path, default=RUNS)
-    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     ap.add_argument("--force", action="store_true", help="rerun fine-tunes already in the results file")
-    ap.add_argument("--table-only", action="store_true", help="only rewrite the table from the results file")
-    a = ap.parse_args()
-    a.results, a.readme = a.results.resolve(), a.readme.resolve()
-    a.runs_dir = a.runs_dir if a.runs_dir == RUNS else a.runs_dir.resolve()
-    os.chdir(ROOT)
+    protocol_arguments(ap, RESULTS, README, RUNS)
+    a = parse_in_root(ap, RUNS)
     if a.table_only:
         write_table(load_results(a.results), a.readme)
         return

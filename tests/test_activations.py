@@ -34,6 +34,24 @@ def test_disk_activations_round_trip_and_are_deleted(tmp_path, dtype):
     assert not (tmp_path / "acts").exists()
 
 
+def test_ranks_share_a_folder_with_their_own_files(tmp_path):
+    """Under torchrun each rank maps its own pair of files (its share of the windows) in one folder."""
+    ranks = [Activations("disk", torch.device("cpu"), tmp_path / "acts", rank=r) for r in range(2)]
+    for r, acts in enumerate(ranks):
+        acts.allocate((2 + r, 4, 5), torch.float32)
+        acts.inps[:] = r
+    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == [
+        "activations-0.rank0.bin", "activations-0.rank1.bin", "activations-1.rank0.bin", "activations-1.rank1.bin",
+    ]
+    ranks[0].close(delete=True)
+    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == ["activations-0.rank1.bin", "activations-1.rank1.bin"]
+    assert torch.equal(ranks[1].inps, torch.ones(3, 4, 5))
+    # One process (rank None) never takes a rank's files for its own.
+    assert not Activations("disk", torch.device("cpu"), tmp_path / "acts").reopen((3, 4, 5), torch.float32, 0)
+    ranks[1].close(delete=True)
+    assert not (tmp_path / "acts").exists()
+
+
 def test_activation_storage_is_chosen_by_size(monkeypatch):
     monkeypatch.setattr("d2prune.activations.available_memory", lambda: 1000)
     small, big = Activations("auto", torch.device("cpu")), Activations("auto", torch.device("cpu"))

@@ -2,9 +2,9 @@
 
 The walk needs two buffers of shape (windows, tokens, hidden) in the model dtype: the inputs of the
 current decoder layer and its outputs; they swap roles after every layer. ``ram`` keeps them on the
-compute device; ``disk`` maps two files (``activations-0.bin``, ``activations-1.bin``) so only the
-pages in use are resident; ``auto`` picks disk when both buffers would take more than a fraction of
-the available memory.
+compute device; ``disk`` maps two files (``activations-0.bin``, ``activations-1.bin``; under torchrun
+each rank maps its own pair, ``activations-0.rank1.bin`` ...) so only the pages in use are resident;
+``auto`` picks disk when both buffers would take more than a fraction of the available memory.
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ from .errors import UserError
 
 MODES = ("auto", "ram", "disk")
 FILES = ("activations-0.bin", "activations-1.bin")
+# Every activation file of any rank (see ``file_names``), for cleaning up what an interrupted run left.
+PATTERN = "activations-*.bin"
+
+
+def file_names(rank: int | None = None) -> tuple[str, str]:
+    """The two buffer files; under torchrun each rank has its own (``activations-0.rank1.bin``)."""
+    if rank is None:
+        return FILES
+    return tuple(f.replace(".bin", f".rank{rank}.bin") for f in FILES)  # type: ignore[return-value]
 
 
 def available_memory() -> int:
@@ -50,12 +59,16 @@ class Activations:
     """The two activation buffers (``inps``, ``outs``), allocated on first use.
 
     ``folder`` holds the files in disk mode (a temporary folder, deleted on ``close``, when None).
+    ``rank``: under torchrun, the rank whose share of the windows these buffers hold (its files'
+    names carry it, so ranks can share a folder); None on one process.
     """
 
-    def __init__(self, mode: str, device: torch.device, folder: str | Path | None = None, threshold: float = 0.5):
+    def __init__(self, mode: str, device: torch.device, folder: str | Path | None = None, threshold: float = 0.5,
+                 rank: int | None = None):
         self.mode = check_mode(mode)
         self.device = torch.device(device)
         self.folder = Path(folder) if folder is not None else None
+        self.files = file_names(rank)
         self.threshold = threshold
         self.storage: str | None = None
         self.shape: tuple[int, ...] | None = None
@@ -111,7 +124,7 @@ class Activations:
         if self.folder is None:
             return False
         size = int(np.prod(shape)) * dtype.itemsize
-        if not all((self.folder / f).is_file() and (self.folder / f).stat().st_size == size for f in FILES):
+        if not all((self.folder / f).is_file() and (self.folder / f).stat().st_size == size for f in self.files):
             return False
         self.shape, self.dtype, self.storage, self.current = tuple(shape), dtype, "disk", current
         self._map_files("r+")
@@ -122,7 +135,7 @@ class Activations:
         self.folder.mkdir(parents=True, exist_ok=True)
         size = int(np.prod(self.shape)) * self.dtype.itemsize
         # numpy has no bfloat16: map raw bytes and let torch view them in the model dtype.
-        self._maps = [np.memmap(self.folder / f, dtype=np.uint8, mode=mode, shape=(size,)) for f in FILES]
+        self._maps = [np.memmap(self.folder / f, dtype=np.uint8, mode=mode, shape=(size,)) for f in self.files]
         self._buffers = [torch.from_numpy(m).view(self.dtype).view(self.shape) for m in self._maps]
 
     def flush(self) -> None:
@@ -149,7 +162,7 @@ class Activations:
             if self._own_folder:
                 shutil.rmtree(self.folder, ignore_errors=True)
             else:
-                for f in FILES:
+                for f in self.files:
                     (self.folder / f).unlink(missing_ok=True)
                 try:
                     self.folder.rmdir()  # only if nothing else lives there

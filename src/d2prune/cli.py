@@ -11,11 +11,13 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import UserError
 
 
@@ -62,12 +64,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward (default 1)")
     p.add_argument("--output-dir", "--output_dir", default=None, help="folder for run.json (and the saved model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help=f"under torchrun: seconds to wait for another rank before failing "
+                        f"(env {distributed.TIMEOUT_ENV}; default {distributed.DEFAULT_TIMEOUT_S:g})")
     mem = p.add_argument_group("memory")
     mem.add_argument("--offload", default="auto",
                      help="disk: stream one decoder layer at a time from the safetensors folder; none: load the "
                           "whole model; auto (default): disk when the weights exceed --offload-threshold of free RAM")
     mem.add_argument("--offload-threshold", type=float, default=0.5,
-                     help="fraction of the available memory that auto offloading allows (default 0.5)")
+                     help="fraction of the available memory that auto offloading allows (default 0.5; under "
+                          "torchrun shared equally by the ranks of a machine)")
     mem.add_argument("--activation-offload", default="auto",
                      help="calibration activations in ram, in memory-mapped files on disk, or auto (default: disk "
                           "when they exceed --offload-threshold of free RAM)")
@@ -232,7 +238,8 @@ def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
             if name.lower() == "none":
                 continue
             source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
-            tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
+            with distributed.current().sync(f"reading the evaluation data {source}"):
+                tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
             options = dict(batch_size=args.eval_batch_size, max_windows=args.eval_windows, progress=not args.no_progress)
             if streamed:
                 res = evaluate_streamed(
@@ -266,7 +273,12 @@ def _evaluate_all(model, tokenizer, args, label: str, ppl: dict, record: dict, t
     t0 = time.perf_counter()
     _evaluate(model, tokenizer, args, label, ppl)
     timings["eval" if label == "model" else f"eval_{label}"] = time.perf_counter() - t0
-    if args.zero_shot:
+    world = distributed.current()
+    if world.size > 1:
+        # The last collective step: rank 0 alone may then run zero-shot tasks and save, and the
+        # other ranks must not wait for that.
+        record["distributed"] = _ranks_record(world, args, timings)
+    if args.zero_shot and world.rank == 0:  # lm-eval runs whole, on rank 0 only
         t0 = time.perf_counter()
         record["zero_shot"] = _zero_shot(model, tokenizer, args)
         timings["zero_shot"] = time.perf_counter() - t0
@@ -413,12 +425,15 @@ def _run(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("no model given: pass a model folder, a Hub id, a .gguf file or 'smollm2-135m'")
     from .activations import check_mode
-    from .offload import resolve_offload
+    from .offload import RESUME_UNDER_TORCHRUN, resolve_offload
 
+    world = distributed.current()
     check_mode(args.activation_offload)
     if args.offload_threshold <= 0:
         raise UserError(f"--offload-threshold is a fraction of the available memory (> 0), got {args.offload_threshold}")
     if args.command == "prune" and args.resume:
+        if world.size > 1:
+            raise UserError(RESUME_UNDER_TORCHRUN)
         if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
             raise UserError(f"--resume {args.resume} and --output-dir {args.output_dir} name different folders")
         if args.offload == "none":
@@ -428,7 +443,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.offload == "disk":
             raise UserError("finetune trains the whole model in memory; --offload disk applies to prune and eval")
         args.offload = "none"
-    offload = resolve_offload(args.offload, args.model, args.dtype, args.offload_threshold)
+    if world.size > 1:
+        # [distributed] each rank holds its own copy of the model and activations: the ranks on one
+        # machine share its memory, so "auto" allows each of them an equal part of the threshold
+        args.offload_threshold /= int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    with world.sync("choosing --offload"):
+        offload = resolve_offload(args.offload, args.model, args.dtype, args.offload_threshold)
+    if world.size > 1 and args.offload == "auto":
+        # [distributed] every rank must take the same path: all stream if one of them would
+        streams = not world.all_true(offload["weights"] != "disk", "agreeing on --offload auto")
+        offload["weights"] = "disk" if streams else "none"
     streamed = offload["weights"] == "disk"
     if streamed:
         from .offload import limit_heap_retention
@@ -472,15 +496,16 @@ def _run(args: argparse.Namespace) -> int:
 
     from .models import check_device
 
-    check_device(args.device)
     t0 = time.perf_counter()
-    if streamed:
-        from transformers import AutoTokenizer
+    with world.sync("loading the model"):  # [distributed] a rank that cannot load stops them all
+        check_device(args.device)
+        if streamed:
+            from transformers import AutoTokenizer
 
-        # The weights stay on disk; the model stands for its folder from here on.
-        model, tokenizer = Path(args.model).expanduser(), AutoTokenizer.from_pretrained(args.model)
-    else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+            # The weights stay on disk; the model stands for its folder from here on.
+            model, tokenizer = Path(args.model).expanduser(), AutoTokenizer.from_pretrained(args.model)
+        else:
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     timings["load"] = time.perf_counter() - t0
 
     if args.command == "finetune":
@@ -488,6 +513,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         _evaluate_all(model, tokenizer, args, "model", ppl, record, timings)
+        if world.rank > 0:  # only rank 0 prints and writes
+            return 0
         record.update(perplexity=ppl, timings=timings, sources=_sources(args, None), seqlen=args.seqlen)
         rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]} for k, v in ppl.get("model", {}).items()]
         if rows:
@@ -501,10 +528,11 @@ def _run(args: argparse.Namespace) -> int:
 
     calib_source = args.calib_data_path or args.calib
     t0 = time.perf_counter()
-    calibration = get_calibration(
-        tokenizer, calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
-    )
+    with world.sync("reading the calibration data"):
+        calibration = get_calibration(
+            tokenizer, calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+        )
     timings["calibration_data"] = time.perf_counter() - t0
 
     if args.eval_dense:
@@ -513,10 +541,11 @@ def _run(args: argparse.Namespace) -> int:
         timings["eval_dense"] = time.perf_counter() - t0
 
     if config.method.needs_gradients and args.gradient_source:
-        config.method = dataclasses.replace(config.method, gradient_source=get_calibration(
-            tokenizer, args.gradient_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-            data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
-        ))
+        with world.sync("reading the gradient data"):
+            config.method = dataclasses.replace(config.method, gradient_source=get_calibration(
+                tokenizer, args.gradient_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+            ))
 
     t0 = time.perf_counter()
     if streamed:
@@ -525,6 +554,7 @@ def _run(args: argparse.Namespace) -> int:
         target = Path(args.save_model) if args.save_model not in (None, True) else output_dir / "model"
         args.interrupt_hint = (
             f"progress is kept in {work_dir(target)}; add --resume {output_dir} to the same command to continue"
+            + (" (in one process, without torchrun)" if world.size > 1 else "")
         )
         report, model = prune_checkpoint(
             args.model, calibration, config, target, dtype=args.dtype, resume=bool(args.resume),
@@ -535,10 +565,11 @@ def _run(args: argparse.Namespace) -> int:
         from .data import get_heldout
         from .target_search import choose_target_layers
 
-        heldout = get_heldout(
-            tokenizer, args.heldout_source or calib_source, nsamples=args.heldout_windows, seqlen=args.seqlen,
-            calib_nsamples=args.nsamples, calib_seed=args.seed, seed=args.heldout_seed, data_dir=args.data_dir_path,
-        )
+        with world.sync("reading the held-out data"):
+            heldout = get_heldout(
+                tokenizer, args.heldout_source or calib_source, nsamples=args.heldout_windows, seqlen=args.seqlen,
+                calib_nsamples=args.nsamples, calib_seed=args.seed, seed=args.heldout_seed, data_dir=args.data_dir_path,
+            )
         report, record["target_search"] = choose_target_layers(model, calibration, heldout, config)
         record["target_search"]["heldout_source"] = args.heldout_source or calib_source
         record["target_search"]["heldout_seed"] = args.heldout_seed
@@ -547,6 +578,8 @@ def _run(args: argparse.Namespace) -> int:
     timings["prune"] = time.perf_counter() - t0
 
     _evaluate_all(model, tokenizer, args, "pruned", ppl, record, timings)
+    if world.rank > 0:  # only rank 0 saves, prints and writes the run record
+        return 0
 
     record.update(
         config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -581,6 +614,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks_record(world: distributed.World, args: argparse.Namespace, timings: dict) -> dict:
+    """World size and backend, and per rank: host, device, peak RSS so far (MB) and prune seconds."""
+    import resource
+    import socket
+
+    mine = {"rank": world.rank, "host": socket.gethostname(), "device": args.device,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "prune_s": timings.get("prune")}
+    return {"world_size": world.size, "backend": world.backend, "timeout_s": world.timeout_s,
+            "ranks": world.all_gathered(mine, "gathering the ranks' summaries")}
+
+
+def _join_ranks(args: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the other ranks; True if a process group was started."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        return False
+    if args.command not in ("prune", "eval"):
+        raise UserError(f"d2prune {args.command} runs in one process: launch it without torchrun")
+    world, args.device = distributed.init_from_env(args.device, args.dist_timeout)
+    if world.rank > 0:
+        args.no_progress = True  # one set of progress bars, rank 0's
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {world.rank}] %(name)s: %(message)s",
+                        force=True)
+    return True
+
+
 def _check_streamable_run(args: argparse.Namespace, config, output_dir: Path | None) -> None:
     """What a prune that streams the model from disk needs (it writes the model as it goes)."""
     if output_dir is None:
@@ -594,11 +653,16 @@ def _check_streamable_run(args: argparse.Namespace, config, output_dir: Path | N
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    joined = False
     try:
+        joined = _join_ranks(args)
         return _run(args)
     except UserError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerError as e:
+        print(f"d2prune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None) or "no run record or model was written for this run"
         print(f"d2prune: interrupted; {hint}", file=sys.stderr)
@@ -606,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
                   file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

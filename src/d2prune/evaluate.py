@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from d2prune import distributed
 from d2prune.errors import UserError
 
 
@@ -55,17 +56,27 @@ def evaluate_ppl(
     dev = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()  # dropout (OPT) must be off, as in the reference evaluation
-    nlls: list[float] = []
+    # [distributed] under torchrun each rank scores a contiguous share of the batches and the
+    # per-window NLLs are summed over ranks (each rank fills only its own slots: the sum is exact)
+    world = distributed.current()
+    lo, hi = world.bounds(len(range(0, n_windows, batch_size)))
+    starts = range(lo * batch_size, min(hi * batch_size, n_windows), batch_size)
+    nll = torch.zeros(n_windows, dtype=torch.float64)
     try:
-        with torch.inference_mode(), tqdm(total=n_windows, desc="perplexity", unit="win", disable=not progress) as bar:
-            for start in range(0, n_windows, batch_size):
+        with torch.inference_mode(), world.sync("computing perplexity"), tqdm(
+            total=sum(min(batch_size, n_windows - s) for s in starts), desc="perplexity", unit="win",
+            disable=not progress,
+        ) as bar:
+            for start in starts:
                 batch = windows[start : start + batch_size].to(dev)
                 # Only this batch's logits are alive at a time: they are the big tensor here.
-                nlls.extend(window_nlls(model(input_ids=batch, use_cache=False).logits, batch))
+                values = window_nlls(model(input_ids=batch, use_cache=False).logits, batch)
+                nll[start : start + batch.shape[0]] = torch.tensor(values, dtype=torch.float64)
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
-    return perplexity_result(nlls, seqlen)
+    world.all_reduce_sum([nll], "summing the perplexity")
+    return perplexity_result(nll.tolist(), seqlen)
 
 
 def eval_windows(

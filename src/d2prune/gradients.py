@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .errors import UserError
 from .pipeline import (
@@ -77,7 +78,9 @@ def gradient_norms(
     """
     device = _normalize(torch.device(device))
     stack = find_decoder_stack(model)
-    windows = _single_windows(calibration_batches(batches, 1))
+    world = distributed.current()
+    # [distributed] each rank takes the gradients of its share of the windows; the sums are added up below
+    windows, _ = world.shard(_single_windows(calibration_batches(batches, 1)), allow_empty=True)
     layer_linears = [
         {f"{stack.path}.{i}.{name}": lin for name, lin in find_linears(layer).items()}
         for i, layer in enumerate(stack.layers)
@@ -94,7 +97,7 @@ def gradient_norms(
             p.requires_grad_(False)
         for lin in linears.values():
             lin.weight.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), world.sync("the gradient pass"):
             if layerwise:
                 sums = _layerwise(model, stack, layer_linears, windows, device, scale, progress, windows_per_sweep)
             else:
@@ -104,6 +107,7 @@ def gradient_norms(
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
+    world.all_reduce_sum(list(sums.values()), "summing the squared gradients")  # [distributed]
     return {path: total.sqrt_().cpu() for path, total in sums.items()}
 
 
@@ -410,13 +414,17 @@ def attach_gradients(
     cache = getattr(method, "gradient_cache", None)
     key = gradient_cache_key(model, batches) if cache else None
     grads, origin = None, "cache"
-    if cache and Path(cache).is_file() and cached_gradient_key(cache) == key:
-        grads = load_gradients(cache)
-        if set(grads) != set(_linear_paths(model)):  # a stale or foreign file: recompute
-            grads = None
-    if grads is None:
+    world = distributed.current()
+    with world.sync("reading the gradient cache"):
+        if cache and Path(cache).is_file() and cached_gradient_key(cache) == key:
+            grads = load_gradients(cache)
+            if set(grads) != set(_linear_paths(model)):  # a stale or foreign file: recompute
+                grads = None
+    # [distributed] the ranks compute together unless every one of them found the cache (the
+    # machines of a multi-node run need not share a file system); only rank 0 writes it
+    if not world.all_true(grads is not None, "checking the gradient cache"):
         grads, origin = gradient_norms(model, batches, device, progress), "computed"
-        if cache:
+        if cache and world.rank == 0:
             save_gradients(grads, cache, key)
     changes = {"gradients": grads}
     if "gradient_origin" in {f.name for f in dataclasses.fields(method)}:

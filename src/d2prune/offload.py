@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
+from .activations import PATTERN as ACTIVATION_FILES
 from .activations import Activations, available_memory
 from .architecture import DecoderStack, find_decoder_stack
 from .config import LinearReport, PruneConfig, PruneReport
@@ -51,6 +53,9 @@ INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_FILE = "progress.json"
 PROGRESS_FORMAT = 1
 KILL_ENV = "D2PRUNE_KILL_AFTER_LAYER"
+RESUME_UNDER_TORCHRUN = (
+    "--resume cannot run under torchrun: resume the interrupted run in one process (without torchrun)"
+)
 
 # safetensors header dtype names → torch dtypes (the ones checkpoints hold).
 _ST_DTYPES = {
@@ -477,10 +482,16 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 class StreamedStore(StreamingLayers):
     """Streams the layers and writes each pruned one to its output shard; records progress after
-    every layer and resumes from it."""
+    every layer and resumes from it.
+
+    Under torchrun every rank streams the layers (the checkpoint must be readable on every machine)
+    and keeps its own activation files in the work folder; rank 0 alone writes the shards, the
+    progress record and the rest of the output (``finish``).
+    """
 
     def __init__(self, streamed: StreamedModel, target: Path, fingerprint: dict, resume: bool):
         super().__init__(streamed)
+        self.world = distributed.current()
         self.target = target
         self.work = work_dir(target)
         self.fingerprint = fingerprint
@@ -514,6 +525,13 @@ class StreamedStore(StreamingLayers):
             print(f"d2prune: warning: the interrupted run used {threads} torch threads, this one "
                   f"{torch.get_num_threads()}; the result may differ from an uninterrupted run in the last bits",
                   file=sys.stderr)
+        ranks = progress.get("ranks", 1)
+        if ranks != self.world.size:
+            # Its ranks summed the statistics in another order; its activation files were per rank,
+            # so the pruned layers are re-run here.
+            print(f"d2prune: warning: the interrupted run ran on {ranks} ranks (torchrun), this one on "
+                  f"{self.world.size}; the result may differ from an uninterrupted run in the last bits",
+                  file=sys.stderr)
         saved = progress["report"]
         report.linears = [LinearReport(**d) for d in saved["linears"]]
         report.zeros, report.weights = saved["zeros"], saved["weights"]
@@ -527,7 +545,8 @@ class StreamedStore(StreamingLayers):
         return progress["next_layer"]
 
     def activations(self, config: PruneConfig, device: torch.device) -> Activations:
-        acts = Activations(config.activation_offload, device, self.work, config.offload_threshold)
+        acts = Activations(config.activation_offload, device, self.work, config.offload_threshold,
+                           rank=self.world.file_rank)
         saved = (self.progress or {}).get("activations") or {}
         if saved.get("storage") == "disk" and config.activation_offload != "ram":
             acts.reopen(tuple(saved["shape"]), _torch_dtype(saved["dtype"]), saved["current"])
@@ -548,7 +567,8 @@ class StreamedStore(StreamingLayers):
         names = self.layers[index]
         if save:
             file = self._layer_file(index)
-            _save_shard({self.streamed.out_name[n]: self.streamed.tensor(n) for n in names}, self.work / file)
+            if self.world.rank == 0:  # every rank holds the same pruned layer: rank 0 writes it
+                _save_shard({self.streamed.out_name[n]: self.streamed.tensor(n) for n in names}, self.work / file)
             self.weight_map.update({self.streamed.out_name[n]: file for n in names})
         self.streamed.release(names)
 
@@ -556,6 +576,9 @@ class StreamedStore(StreamingLayers):
         from .record import write_json_atomic
 
         activations.flush()
+        if self.world.rank > 0:  # rank 0 records the progress (its own activation files)
+            self._kill_if_asked(index)
+            return
         saved = activations.describe()
         saved["current"] = activations.current
         write_json_atomic(self.work / PROGRESS_FILE, {
@@ -567,6 +590,7 @@ class StreamedStore(StreamingLayers):
             "activations": saved,
             "rng": _rng_state(),
             "torch_threads": torch.get_num_threads(),
+            "ranks": self.world.size,
             "report": {
                 "linears": [asdict(lin) for lin in report.linears],
                 "zeros": report.zeros,
@@ -576,19 +600,33 @@ class StreamedStore(StreamingLayers):
                 "timings": report.timings,
             },
         })
+        self._kill_if_asked(index)
+
+    @staticmethod
+    def _kill_if_asked(index: int) -> None:
         if os.environ.get(KILL_ENV, "") == str(index):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self, activations: Activations, completed: bool) -> None:
         # An interrupted run keeps its activation files: a resume starts from them.
         activations.close(delete=completed)
+        if self.world.rank > 0:
+            try:  # a rank on another machine leaves no empty work folder behind (rank 0 fills its own)
+                self.work.rmdir()
+            except OSError:
+                pass
 
     def finish(self, sparsity_record: dict) -> Path:
         """Write the tensors outside the stack, the index, config, tokenizer files and the sparsity
-        record, then rename the folder into place."""
+        record, then rename the folder into place (rank 0 only, once every rank has closed its
+        activation files)."""
         from .models import SPARSITY_FILE, move_into_place, record_text, write_synced
 
         streamed = self.streamed
+        # Activation files an interrupted run left (e.g. other ranks' when one process resumed a
+        # torchrun run) are not part of the model.
+        for stale in self.work.glob(ACTIVATION_FILES):
+            stale.unlink(missing_ok=True)
         for names, file in zip(self.rest, self.files):
             key = streamed.key
             tensors = streamed.checkpoint.read([key[n] for n in names if n in key], streamed.dtype)
@@ -642,11 +680,45 @@ def prune_checkpoint(
 
     ``resume``: continue an interrupted run into ``target`` (same model, data and config).
     ``streamed``: a ``StreamedModel`` of ``folder`` built by the caller (tests watch it).
+
+    Under torchrun (see ``d2prune.distributed``) every rank reads ``folder``, and rank 0 writes
+    ``target``; ``resume`` is refused there (a run that torchrun started can be resumed by one process).
     """
     if config.method.needs_gradients:
         raise UserError(f"{config.method.name} needs a full-model gradient pass; it cannot stream from disk (--offload none)")
-    streamed = streamed or StreamedModel(folder, dtype)
+    world = distributed.current()
+    if resume and world.size > 1:
+        raise UserError(RESUME_UNDER_TORCHRUN)
+    with world.sync("reading the model's checkpoint"):
+        streamed = streamed or StreamedModel(folder, dtype)
     target = Path(os.path.abspath(Path(target).expanduser()))
+    progress = None
+    # [distributed] rank 0 alone looks at and clears the work folder; the others wait for it
+    with world.sync("preparing the output folder"):
+        if world.rank == 0:
+            progress = _prepare_work_dir(target, resume)
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in ("activation_offload", "offload_threshold")}
+    fingerprint = {
+        "model": str(streamed.folder.resolve()),
+        "checkpoint_files": streamed.checkpoint.files_fingerprint(),
+        "dtype": str(streamed.dtype),
+        "config": json.loads(json.dumps(config_dict, default=str)),
+        "calibration_sha256": calibration_sha256(calibration_batches(calibration, config.batch_size)),
+    }
+    store = StreamedStore(streamed, target, fingerprint, resume and progress is not None)
+    report = prune(streamed.model, calibration, config, store=store)
+    t0 = time.perf_counter()
+    world.barrier("closing the activation files")  # [distributed] before rank 0 renames the folder
+    with world.sync("writing the pruned model"):
+        if world.rank == 0:
+            store.finish(report.sparsity_record())
+    report.timings["write_rest"] = time.perf_counter() - t0
+    return report, target
+
+
+def _prepare_work_dir(target: Path, resume: bool) -> dict | None:
+    """Check the work folder of ``target`` against ``resume`` and clear what is not kept; returns the
+    progress record to resume from (None: start from the first layer)."""
     work = work_dir(target)
     progress = read_progress(target)
     if resume and progress is None:
@@ -662,20 +734,7 @@ def prune_checkpoint(
                 f"continue it with --resume, or delete that folder to start over"
             )
         shutil.rmtree(work)
-    config_dict = {k: v for k, v in config.to_dict().items() if k not in ("activation_offload", "offload_threshold")}
-    fingerprint = {
-        "model": str(streamed.folder.resolve()),
-        "checkpoint_files": streamed.checkpoint.files_fingerprint(),
-        "dtype": str(streamed.dtype),
-        "config": json.loads(json.dumps(config_dict, default=str)),
-        "calibration_sha256": calibration_sha256(calibration_batches(calibration, config.batch_size)),
-    }
-    store = StreamedStore(streamed, target, fingerprint, resume and progress is not None)
-    report = prune(streamed.model, calibration, config, store=store)
-    t0 = time.perf_counter()
-    store.finish(report.sparsity_record())
-    report.timings["write_rest"] = time.perf_counter() - t0
-    return report, target
+    return progress
 
 
 # --------------------------------------------------------------------------------------------------
@@ -710,14 +769,33 @@ def evaluate_streamed(
 ):
     """Perplexity of the model in ``folder`` computed layer by layer (the same windows and loss as
     ``evaluate.evaluate_ppl``): one decoder layer in memory at a time, then the final norm and head
-    applied to the last layer's outputs."""
-    from .evaluate import eval_windows, perplexity_result, window_nlls
+    applied to the last layer's outputs. Under torchrun each rank runs its share of the windows (every
+    rank reads ``folder``) and the per-window NLLs are summed over ranks."""
+    from .evaluate import eval_windows, perplexity_result
 
+    world = distributed.current()
     streamed = StreamedModel(folder, dtype)
-    model, stack = streamed.model, streamed.stack
     dev = torch.device(device)
     windows = eval_windows(tokens, seqlen, batch_size, max_windows)
     batches = calibration_batches(windows, batch_size)
+    # [distributed] this rank's batches (maybe none); each rank fills only its own windows' slots
+    local, lo = world.shard(batches, "evaluation batches", allow_empty=True)
+    first = sum(b["input_ids"].shape[0] for b in batches[:lo])
+    nll = torch.zeros(windows.shape[0], dtype=torch.float64)
+    with world.sync("computing perplexity layer by layer"):
+        if local:
+            values = _streamed_nlls(streamed, local, dev, activation_offload, threshold, progress)
+            nll[first : first + len(values)] = torch.tensor(values, dtype=torch.float64)
+    world.all_reduce_sum([nll], "summing the perplexity")
+    return perplexity_result(nll.tolist(), seqlen)
+
+
+def _streamed_nlls(streamed: StreamedModel, batches: list[dict], dev: torch.device, activation_offload: str,
+                   threshold: float, progress: bool) -> list[float]:
+    """Per window of ``batches``: the NLL of ``evaluate.window_nlls``, one decoder layer at a time."""
+    from .evaluate import window_nlls
+
+    model, stack = streamed.model, streamed.stack
     sizes = [b["input_ids"].shape[0] for b in batches]
     store = StreamingLayers(streamed)
     acts = Activations(activation_offload, dev, None, threshold)
@@ -745,4 +823,4 @@ def evaluate_streamed(
                 stack.layers[i] = layer
     finally:
         acts.close()
-    return perplexity_result(nlls, seqlen)
+    return nlls

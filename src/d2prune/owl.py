@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .architecture import find_decoder_stack, find_linears
 from .methods.wanda import InputNormStats
 
@@ -21,23 +22,25 @@ def outlier_ratios(
     """Per decoder layer: 100 × fraction of the layer's Wanda scores above ``m`` × their mean.
 
     Each layer sees the dense outputs of the layers before it (nothing is pruned here). ``store``
-    (a ``pipeline.LayerStore``) says where the layers live; default: in ``model``.
+    (a ``pipeline.LayerStore``) says where the layers live; default: in ``model``. Under
+    ``torchrun`` each rank runs its share of the batches and the norms are summed over ranks.
     """
     from .activations import Activations
     from .pipeline import LayerStore, capture_inputs_and_arguments, run_layer
 
+    world = distributed.current()
     store = store or LayerStore()
     stack = find_decoder_stack(model)
+    local, _ = world.shard(batches)  # [distributed]
     # Always in memory: this dense pass is not resumable, and its buffers are freed at the end.
     acts = Activations("ram", device)
-    with store.outside_stack(device):
-        inps, layer_extras = capture_inputs_and_arguments(model, stack, batches, device, acts)
-    sizes = [b["input_ids"].shape[0] for b in batches]
+    with world.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
+        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
+    sizes = [b["input_ids"].shape[0] for b in local]
     ratios = []
     for index, (layer, extras) in enumerate(tqdm(
         zip(stack.layers, layer_extras), total=len(layer_extras), desc="OWL outlier ratios", disable=not progress
     )):
-        store.fetch(index, layer, device)
         linears = find_linears(layer)
         stats = {name: InputNormStats(lin.in_features, device) for name, lin in linears.items()}
         handles = [
@@ -45,10 +48,13 @@ def outlier_ratios(
             for name, lin in linears.items()
         ]
         try:
-            run_layer(layer, acts.inps, extras, sizes, acts.outs)
+            with world.sync(f"the OWL statistics pass of layer {index}"):
+                store.fetch(index, layer, device)
+                run_layer(layer, acts.inps, extras, sizes, acts.outs)
         finally:
             for h in handles:
                 h.remove()
+        distributed.reduce_statistics(world, stats.values(), "OWL input norms")  # [distributed]
         scores = torch.cat(
             [(lin.weight.float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
         )

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .activations import Activations
 from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .config import LinearReport, PruneConfig, PruneReport
@@ -299,8 +300,10 @@ class _LayerStats:
 
 
 class _LastUseGram(Gram):
-    """A Gram read for the last time: its Hessian is made in place, one c×c copy less at the peak
-    of the solve (182 MiB for a 6912-wide down_proj). The sum is gone afterwards, loudly."""
+    """A Gram read for the last time: its Hessian is scaled in place and the float64 sum is freed as
+    soon as the float32 Hessian is made, so the solve runs without the sum and without a second c×c
+    float64 (a 6912-wide down_proj: 364 MiB each). Same values as ``Gram.hessian``. The sum is gone
+    afterwards, loudly. Under torchrun the sum was already summed over the ranks."""
 
     def __init__(self, gram: Gram):
         self.sum: torch.Tensor | None = gram.sum
@@ -309,14 +312,15 @@ class _LastUseGram(Gram):
     def hessian(self) -> torch.Tensor:
         h, self.sum = self.sum, None
         assert h is not None, "a last-use Gram gives its Hessian once"
-        return h.mul_(2.0 / max(self.nsamples, 1))
+        return h.mul_(2.0 / max(self.nsamples, 1)).float()
 
 
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over the calibration inputs, from the Gram: tr(ΔW S ΔWᵀ)/tr(W S Wᵀ)."""
     delta = old - new
-    num = ((delta @ gram.sum) * delta).sum()
-    den = ((old @ gram.sum) * old).sum()
+    total = gram.sum.float()
+    num = ((delta @ total) * delta).sum()
+    den = ((old @ total) * old).sum()
     return float(num / den) if den > 0 else 0.0
 
 
@@ -335,7 +339,8 @@ class LayerStore:
 
     def activations(self, config: PruneConfig, device: torch.device) -> Activations:
         """Empty activation buffers, or a resumed run's (already holding the inputs of its next layer)."""
-        return Activations(config.activation_offload, device, config.activation_dir, config.offload_threshold)
+        return Activations(config.activation_offload, device, config.activation_dir, config.offload_threshold,
+                           rank=distributed.current().file_rank)
 
     @contextmanager
     def outside_stack(self, device: torch.device) -> Iterator[None]:
@@ -367,9 +372,14 @@ def prune(
     ``calibration``: a LongTensor (windows, tokens), or an iterable of such batches or of dicts with
     ``input_ids`` (and optionally ``attention_mask``). ``store``: where the layers live (default: in
     ``model``); see ``offload.prune_checkpoint`` for models streamed from disk.
+
+    Under ``torchrun`` (a process group of several ranks) this is a collective call: every rank
+    passes the same model, calibration and config, runs its share of the windows, and ends with the
+    same pruned weights (see ``d2prune.distributed``).
     """
     config = config or PruneConfig()
     store = store or LayerStore()
+    world = distributed.current()  # [distributed] one process unless a process group is running
     t_start = time.perf_counter()
     device = torch.device(config.device)
     model_info = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
@@ -386,6 +396,10 @@ def prune(
     was_training = model.training
     model.eval()
     batches = calibration_batches(calibration, config.batch_size)
+    # [distributed] this rank's calibration batches (``report.nsamples`` stays the global count);
+    # ``first_window`` is the global index of its first window
+    local, lo = world.shard(batches)
+    first_window = sum(b["input_ids"].shape[0] for b in batches[:lo])
     if method.needs_gradients:
         from .gradients import attach_gradients
 
@@ -409,8 +423,8 @@ def prune(
         targets = [SparsityTarget(p, config.pattern) for p in layer_sparsities]
         timings["owl"] = time.perf_counter() - t0
     report.layer_sparsities = [t.sparsity for t in targets]
-    sizes = [b["input_ids"].shape[0] for b in batches]
-    report.nsamples, report.seqlen = sum(sizes), batches[0]["input_ids"].shape[1]
+    report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), batches[0]["input_ids"].shape[1]
+    sizes = [b["input_ids"].shape[0] for b in local]
 
     acts = store.activations(config, device)
     completed = False
@@ -421,8 +435,8 @@ def prune(
             kept = acts.allocated
             first = start if kept else 0
             t0 = time.perf_counter()
-            with store.outside_stack(device):
-                _, layer_extras = capture_inputs_and_arguments(model, stack, batches, device, acts, kept)
+            with world.sync("capturing the layer-0 inputs"), store.outside_stack(device):
+                _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts, kept)
             timings["capture"] += time.perf_counter() - t0
             report.activations = acts.describe()
             t0 = time.perf_counter()
@@ -432,13 +446,15 @@ def prune(
                 timings["resume_forward"] = timings.get("resume_forward", 0.0) + time.perf_counter() - t0
             for index in tqdm(range(start, num_layers), desc="pruning layers", disable=not config.progress):
                 layer = layers[index]
-                store.fetch(index, layer, device)
+                with world.sync(f"loading layer {index}"):
+                    store.fetch(index, layer, device)
                 _prune_layer(layer, index, stack, method, targets[index], config, acts, layer_extras[index], sizes,
-                             report, timings)
-                store.release(index, layer, save=True)
-                acts.swap()
-                report.timings = timings
-                store.layer_done(index, report, acts)
+                             report, timings, world, first_window)
+                with world.sync(f"saving layer {index}"):
+                    store.release(index, layer, save=True)
+                    acts.swap()
+                    report.timings = timings
+                    store.layer_done(index, report, acts)
         completed = True
     finally:
         store.close(acts, completed)
@@ -484,37 +500,59 @@ def _prune_layer(
     sizes: list[int],
     report: PruneReport,
     timings: dict[str, float],
+    world: distributed.World,
+    first_window: int,
 ) -> None:
-    """Statistics pass, pruning of every linear, pruned forward (outputs into ``acts.outs``)."""
+    """Statistics pass, pruning of every linear, pruned forward (outputs into ``acts.outs``).
+
+    ``world``: the ranks that share the calibration windows; ``first_window`` is the global index of
+    this rank's first window.
+    """
     linears = find_linears(layer)
     pruners = {
         name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}") for name, lin in linears.items()
     }
     gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
+    for pruner in pruners.values():
+        pruner.begin(first_window)
 
     t0 = time.perf_counter()
     stats = _LayerStats(linears, pruners, gram_names)
     try:
-        run_layer(layer, acts.inps, extras, sizes, None, stats)
+        with world.sync(f"collecting statistics in layer {index}"):
+            run_layer(layer, acts.inps, extras, sizes, None, stats)
     finally:
         stats.remove()
+    # [distributed] sum the statistics over ranks (every pruner's Statistic tensors, and each Gram
+    # once even when q/k/v or gate/up share it), before any Gram is read or made a Hessian in place
+    distributed.reduce_statistics(world, [*pruners.values(), *stats.grams.values()], f"statistics of layer {index}")
     timings["statistics"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
+    owners = distributed.assign({name: p.work() for name, p in pruners.items()}, world.size)
+    updates = {name: p.updates_weights for name, p in pruners.items()}
+    for name in linears:
+        if owners[name] != world.rank:  # another rank's: its statistics are not needed here
+            del pruners[name]
+            stats.grams.pop(name, None)
+    done: dict[str, tuple[float | None, float]] = {}
+    with world.sync(f"pruning layer {index}"):
+        for name, lin in linears.items():
+            if name not in pruners:
+                continue
+            # Popped, so each Gram (c×c) is freed as soon as the last linear reading it is done.
+            pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
+            if gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values()):
+                gram = _LastUseGram(gram)
+            done[name] = _prune_linear(lin, pruner, target, gram, config.measure_error)
+            del pruner, gram
+    done = distributed.share_pruned(world, linears, owners, done)
     for name, lin in linears.items():
-        t_lin = time.perf_counter()
-        old = lin.weight.data.float().clone() if config.measure_error else None
-        # Popped, so each Gram (c×c floats) is freed as soon as the last linear reading it is done.
-        pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
-        if gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values()):
-            gram = _LastUseGram(gram)
-        new = pruner.prune(lin.weight.data, target, gram)
-        lin.weight.data.copy_(new.to(lin.weight.dtype))
-        del new
+        error, seconds = done[name]
         zeros = int((lin.weight.data == 0).sum())
         report.zeros += zeros
         report.weights += lin.weight.numel()
-        error = _relative_error(old, lin.weight.data.float(), gram) if config.measure_error else None
         nm = target.pattern
         report.linears.append(
             LinearReport(
@@ -524,17 +562,30 @@ def _prune_layer(
                 sparsity=zeros / lin.weight.numel(),
                 relative_error=error,
                 nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
-                weight_update=pruner.updates_weights,
-                seconds=time.perf_counter() - t_lin,
+                weight_update=updates[name],
+                seconds=seconds,
             )
         )
-        del pruner, gram, old
     del stats, pruners
     timings["prune"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    run_layer(layer, acts.inps, extras, sizes, acts.outs)
+    with world.sync(f"running the pruned layer {index}"):
+        run_layer(layer, acts.inps, extras, sizes, acts.outs)
     timings["pruned_forward"] += time.perf_counter() - t0
+
+
+def _prune_linear(
+    lin: nn.Linear, pruner: LinearPruner, target: SparsityTarget, gram: Gram | None, measure_error: bool
+) -> tuple[float | None, float]:
+    """Prune ``lin`` in place; returns its relative reconstruction error (if measured) and the seconds taken."""
+    t0 = time.perf_counter()
+    old = lin.weight.data.float().clone() if measure_error else None
+    new = pruner.prune(lin.weight.data, target, gram)
+    lin.weight.data.copy_(new.to(lin.weight.dtype))
+    del new
+    error = _relative_error(old, lin.weight.data.float(), gram) if measure_error else None
+    return error, time.perf_counter() - t0
 
 
 def run_layer(

@@ -1,6 +1,6 @@
 """Pruning methods, one module each; importing this package registers them all."""
 
-from .base import METHODS, Gram, LinearPruner, MethodConfig, method_config, register
+from .base import METHODS, Gram, LinearPruner, MethodConfig, Statistic, method_config, register
 from .d2prune import D2PruneConfig
 from .magnitude import MagnitudeConfig
 from .pruner_zero import PrunerZeroConfig
@@ -12,6 +12,7 @@ __all__ = [
     "Gram",
     "LinearPruner",
     "MethodConfig",
+    "Statistic",
     "method_config",
     "register",
     "D2PruneConfig",

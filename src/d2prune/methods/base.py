@@ -15,26 +15,62 @@ from ..errors import UserError
 from ..patterns import SparsityTarget
 
 
-class Gram:
+class Statistic:
+    """Calibration statistics accumulated over samples, which data-parallel ranks can sum.
+
+    On one process only ``add``-style accumulation runs. With several ranks (``d2prune.distributed``)
+    each rank observes a share of the calibration windows; the pipeline then sums every tensor of
+    ``statistics()`` over the ranks, in place, and hands the sums back to ``load_statistics``.
+    """
+
+    def begin(self, first_sample: int) -> None:
+        """Called before the first sample: this process observes the calibration windows from global
+        index ``first_sample`` on (0 on one process). Only position-dependent statistics need it."""
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The accumulated values as sums over this process's samples, counts included."""
+        raise NotImplementedError
+
+    def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
+        """Take the sums over all ranks (the tensors of ``statistics()``, summed)."""
+        raise NotImplementedError
+
+
+def count_tensor(n: int, device: torch.device | str) -> torch.Tensor:
+    """A sample count as a tensor that ranks can sum (float64 holds integers exactly up to 2⁵³)."""
+    return torch.tensor([float(n)], dtype=torch.float64, device=device)
+
+
+class Gram(Statistic):
     """Running sum of X Xᵀ over calibration samples for one linear input.
 
     Linears that read the same tensor (q/k/v, gate/up) share one Gram, built by the pipeline, so
-    the c×c product is paid once per distinct input.
+    the c×c product is paid once per distinct input. Each batch's product is a float32 matmul; the
+    products are summed in float64 (an elementwise add per batch, next to the matmul's c²·tokens
+    work), so the Hessian does not depend on how the windows were batched or split over ranks: one
+    process and several ranks then give the same float32 Hessian, bar rare last-bit roundings.
     """
 
     def __init__(self, width: int, device: torch.device | str):
-        self.sum = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.nsamples = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch ``x`` of shape (batch, tokens, width)."""
         flat = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(flat.t(), flat)
+        self.sum += flat.t() @ flat  # float32 product, accumulated in float64
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
 
     def hessian(self) -> torch.Tensor:
-        """SparseGPT's H = (2/N) Σ_k X_k X_kᵀ with N calibration samples (a new tensor)."""
-        return self.sum * (2.0 / max(self.nsamples, 1))
+        """SparseGPT's H = (2/N) Σ_k X_k X_kᵀ with N calibration samples (a new float32 tensor)."""
+        return (self.sum * (2.0 / max(self.nsamples, 1))).float()
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "nsamples": count_tensor(self.nsamples, self.sum.device)}
+
+    def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
+        self.sum = sums["sum"]
+        self.nsamples = int(sums["nsamples"].item())
 
 
 class LinearPruner:
@@ -54,6 +90,39 @@ class LinearPruner:
     def prune(self, weight: torch.Tensor, target: SparsityTarget, gram: Gram | None) -> torch.Tensor:
         """Return the pruned weight (float32, same shape); ``gram`` is set when ``needs_gram``."""
         raise NotImplementedError
+
+    # Data-parallel calibration: ranks sum the statistics of ``observe`` before ``prune`` runs. By
+    # default they are the pruner's ``Statistic`` attributes; a pruner that accumulates elsewhere
+    # overrides ``statistics``/``load_statistics`` (and ``begin`` if a sample's position matters).
+
+    def _statistic_attributes(self) -> dict[str, Statistic]:
+        return {name: value for name, value in vars(self).items() if isinstance(value, Statistic)}
+
+    def begin(self, first_sample: int) -> None:
+        """Called before ``observe``: the global index of this process's first calibration window."""
+        for stat in self._statistic_attributes().values():
+            stat.begin(first_sample)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """Everything ``observe`` accumulated, as tensors to sum over ranks (see ``Statistic``)."""
+        stats = self._statistic_attributes()
+        if not stats and type(self).observe is not LinearPruner.observe:
+            raise NotImplementedError(
+                f"{type(self).__name__} observes activations but keeps no Statistic attributes; to run on "
+                "several ranks it must override statistics() and load_statistics()"
+            )
+        return {f"{attr}.{key}": t for attr, stat in stats.items() for key, t in stat.statistics().items()}
+
+    def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
+        """Take the statistics summed over all ranks (the keys of ``statistics()``)."""
+        for attr, stat in self._statistic_attributes().items():
+            prefix = attr + "."
+            stat.load_statistics({k[len(prefix):]: t for k, t in sums.items() if k.startswith(prefix)})
+
+    def work(self) -> int:
+        """Relative cost of ``prune``, to balance linears over ranks: the weight's size, times its
+        width for methods that solve with the cols×cols Hessian (OBS updates are O(rows·cols²))."""
+        return self.rows * self.cols * (self.cols if self.needs_gram else 1)
 
 
 @dataclass

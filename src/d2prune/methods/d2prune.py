@@ -21,15 +21,21 @@ import torch
 
 from ..errors import UserError
 from ..patterns import SparsityTarget, row_mask
-from .base import Gram, LinearPruner, MethodConfig, register
+from .base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, register
 from .sparsegpt import obs_score, sparsegpt_solve
 from .wanda import InputNormStats
 
 STATS_MODES = ("mean", "reference")
 
 
-class NormStats:
-    """Per-sample L2 norms over tokens of outputs (y, length rows) and inputs (dx, length cols)."""
+class NormStats(Statistic):
+    """Per-sample L2 norms over tokens of outputs (y, length rows) and inputs (dx, length cols).
+
+    ``mean``: per-sample norms (float32) summed over samples in float64, divided by N·s at the end.
+    ``reference``: the reference's float32 recurrence a ← a·(k−1)/k + n_k/s, which equals
+    (1/(K s)) Σ_{k≤K} k·n_k; a data-parallel rank starts it at its first window's global index
+    (``begin``), so K·a summed over ranks and divided by N gives the one-process value (to rounding).
+    """
 
     def __init__(self, rows: int, cols: int, s: float, mode: str, sqrt2k_inputs: bool, device):
         self.y = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -38,16 +44,23 @@ class NormStats:
         self.mode = mode
         self.sqrt2k_inputs = sqrt2k_inputs
         self.nsamples = 0
+        self.first = 0  # global index of the first sample this process sees (reference mode)
+        if mode == "mean":
+            self.y_sum = torch.zeros(rows, dtype=torch.float64, device=device)
+            self.dx_sum = torch.zeros(cols, dtype=torch.float64, device=device)
+
+    def begin(self, first_sample: int) -> None:
+        if self.mode == "reference":
+            self.first = self.nsamples = first_sample
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-2], x.shape[-1])
         y = y.reshape(-1, y.shape[-2], y.shape[-1])
         if self.mode == "mean":
-            batch = x.shape[0]
-            total = self.nsamples + batch
-            self.y.mul_(self.nsamples / total).add_(y.float().norm(dim=1).sum(0) / (total * self.s))
-            self.dx.mul_(self.nsamples / total).add_(x.float().norm(dim=1).sum(0) / (total * self.s))
-            self.nsamples = total
+            self.y_sum += y.float().norm(dim=1).sum(dim=0, dtype=torch.float64)
+            self.dx_sum += x.float().norm(dim=1).sum(dim=0, dtype=torch.float64)
+            self.nsamples += x.shape[0]
+            self._update_means()
             return
         # Reference recurrences run one sample at a time (batch = 1 upstream), in this order.
         for xk, yk in zip(x, y):
@@ -60,6 +73,26 @@ class NormStats:
                 xk = math.sqrt(2 / k) * xk
             self.y += torch.norm(yk.float(), p=2, dim=0) / self.s
             self.dx += torch.norm(xk, p=2, dim=0) / self.s
+
+    def _update_means(self) -> None:
+        scale = max(self.nsamples, 1) * self.s
+        self.y, self.dx = (self.y_sum / scale).float(), (self.dx_sum / scale).float()
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        if self.mode == "mean":
+            return {"y": self.y_sum, "dx": self.dx_sum, "nsamples": count_tensor(self.nsamples, self.y.device)}
+        last = self.nsamples  # K·a = Σ_{k ≤ K} k·n_k / s over this process's samples
+        return {"y": self.y.double() * last, "dx": self.dx.double() * last,
+                "nsamples": count_tensor(last - self.first, self.y.device)}
+
+    def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
+        self.nsamples, self.first = int(sums["nsamples"].item()), 0
+        if self.mode == "mean":
+            self.y_sum, self.dx_sum = sums["y"], sums["dx"]
+            self._update_means()
+        else:
+            n = max(self.nsamples, 1)
+            self.y, self.dx = (sums["y"] / n).float(), (sums["dx"] / n).float()
 
 
 def d2_terms(w: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, r1: float, r2: float, e: float = 1.0):

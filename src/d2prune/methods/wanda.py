@@ -7,24 +7,37 @@ from dataclasses import dataclass
 import torch
 
 from ..patterns import SparsityTarget, row_mask
-from .base import Gram, LinearPruner, MethodConfig, register
+from .base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, register
 
 
-class InputNormStats:
-    """Running mean over samples of ‖X_{k,j}‖² (Wanda's ``scaler_row``), float32."""
+class InputNormStats(Statistic):
+    """Mean over samples of ‖X_{k,j}‖² (Wanda's ``scaler_row``), as float32 ``sq_norm``.
+
+    Each sample's squared norm over its tokens is float32; they are summed over samples in float64
+    and divided at the end, so the result does not depend on how the samples were batched or split
+    over data-parallel ranks (the reference's float32 running mean agrees to float32 rounding).
+    """
 
     def __init__(self, cols: int, device: torch.device | str):
+        self.sum = torch.zeros(cols, dtype=torch.float64, device=device)
         self.sq_norm = torch.zeros(cols, dtype=torch.float32, device=device)
         self.nsamples = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float().reshape(-1, x.shape[-2], x.shape[-1])  # (samples, tokens, cols)
-        batch = x.shape[0]
-        total = self.nsamples + batch
-        # Same running-mean form as the reference: rescale, then add the new samples' share.
-        self.sq_norm *= self.nsamples / total
-        self.sq_norm += x.pow(2).sum(dim=(0, 1)) / total
-        self.nsamples = total
+        self.sum += x.pow(2).sum(dim=1).sum(dim=0, dtype=torch.float64)
+        self.nsamples += x.shape[0]
+        self._update()
+
+    def _update(self) -> None:
+        self.sq_norm = (self.sum / max(self.nsamples, 1)).float()
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "nsamples": count_tensor(self.nsamples, self.sum.device)}
+
+    def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
+        self.sum, self.nsamples = sums["sum"], int(sums["nsamples"].item())
+        self._update()
 
 
 class WandaPruner(LinearPruner):
