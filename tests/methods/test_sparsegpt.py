@@ -158,3 +158,36 @@ def test_pruner_uses_gram_hessian():
     pruner = SparseGPTConfig().make_pruner("fc", w)
     out = pruner.prune(w, SparsityTarget(0.5), gram)
     torch.testing.assert_close(out, sparsegpt_solve(w, gram.hessian(), SparsityTarget(0.5)))
+
+
+def test_in_place_factor_is_bit_identical_to_fresh_tensors():
+    # The memory-saving path (overwrite / consume) must not change a single bit.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(400, 64, generator=g)
+    h = x.t() @ x / 400
+    damped = h.clone()
+    damped.diagonal().add_(0.01 * torch.mean(torch.diag(h)))
+    fresh = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(inverse_hessian_factor(h, 0.01, "fc"), fresh)
+    kept = h.clone()
+    assert torch.equal(inverse_hessian_factor(kept.clone(), 0.01, "fc", overwrite=True), fresh)
+    assert torch.equal(h, kept)  # overwrite=False leaves the input alone
+    w = torch.randn(16, 64, generator=g)
+    for target in (SparsityTarget(0.6), SparsityTarget(0.5, Pattern(2, 4))):
+        copied = sparsegpt_solve(w, h, target)
+        assert torch.equal(h, kept)
+        assert torch.equal(sparsegpt_solve(w, h.clone(), target, consume_hessian=True), copied)
+
+
+def test_retry_with_overwrite_restores_the_hessian_before_more_damping():
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    h = q @ torch.diag(torch.tensor([-0.05, 1.0, 1.2, 1.0, 1.5, 1.35], dtype=torch.float64)) @ q.t()
+    u = inverse_hessian_factor(h.clone(), 0.01, "fc", overwrite=True)
+    # 1% failed, so 10% of the mean diagonal was added to the *original* diagonal, once.
+    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(_damped(h, 0.1)), rtol=1e-8, atol=1e-10)
+
+
+def test_gram_hessian_in_row_chunks_equals_whole_conversion():
+    gram = Gram(2100, "cpu")  # a 32 MiB float64 chunk holds 1997 rows of 2100: two chunks
+    gram.add(torch.randn(3, 40, 2100, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(gram.hessian(), (gram.sum * (2.0 / 3)).float())

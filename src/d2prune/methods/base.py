@@ -63,7 +63,13 @@ class Gram(Statistic):
 
     def hessian(self) -> torch.Tensor:
         """SparseGPT's H = (2/N) Σ_k X_k X_kᵀ with N calibration samples (a new float32 tensor)."""
-        return (self.sum * (2.0 / max(self.nsamples, 1))).float()
+        scale = 2.0 / max(self.nsamples, 1)
+        out = torch.empty(self.sum.shape, dtype=torch.float32, device=self.sum.device)
+        # Row chunks of ~32 MiB, so no float64 temporary of the full c×c size exists.
+        step = max(1, (1 << 22) // max(1, self.sum.shape[-1]))
+        for i in range(0, self.sum.shape[0], step):
+            out[i : i + step] = self.sum[i : i + step] * scale
+        return out
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"sum": self.sum, "nsamples": count_tensor(self.nsamples, self.sum.device)}

@@ -153,7 +153,9 @@ class D2SparseGPTPruner(LinearPruner):
         assert gram is not None
         score = self.score if self.config.d2_sparsegpt else obs_score
         c = self.config
-        return sparsegpt_solve(weight, gram.hessian(), target, c.percdamp, c.blocksize, score, self.name)
+        return sparsegpt_solve(
+            weight, gram.hessian(), target, c.percdamp, c.blocksize, score, self.name, consume_hessian=True
+        )
 
 
 @register

@@ -29,19 +29,28 @@ def obs_score(w1: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
     return w1.pow(2) / d.pow(2).unsqueeze(0)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor U of the damped H⁻¹ (H⁻¹ = UᵀU), retrying with 10× damping."""
+def inverse_hessian_factor(
+    hessian: torch.Tensor, percdamp: float, name: str, overwrite: bool = False
+) -> torch.Tensor:
+    """Upper Cholesky factor U of the damped H⁻¹ (H⁻¹ = UᵀU), retrying with 10× damping.
+
+    ``overwrite=True`` lets it use ``hessian``'s memory (its contents are lost): then at most two
+    c×c matrices are alive at once, which is what bounds the peak memory on wide linears.
+    """
     mean_diag = torch.mean(torch.diag(hessian))
+    h = hessian if overwrite else hessian.clone()
+    diag = h.diagonal().clone()  # damping only touches the diagonal, so a retry restores just it
     damp = percdamp
     for attempt in range(CHOLESKY_RETRIES + 1):
-        h = hessian.clone()
-        h.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(h)
+        h.diagonal().copy_(diag).add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(h)
         if info == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            # H⁻¹ and its factor overwrite the first factor in place (bit-identical to fresh
+            # tensors), so h and one factor are the only c×c matrices alive.
+            torch.cholesky_inverse(factor, out=factor)
+            torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
             if info == 0:
-                return upper
+                return factor
         if attempt < CHOLESKY_RETRIES:
             log.warning("%s: Cholesky failed with damping %.3g; retrying with %.3g", name, damp, damp * 10)
             damp *= 10
@@ -59,20 +68,26 @@ def sparsegpt_solve(
     blocksize: int = 128,
     score: BlockScore = obs_score,
     name: str = "linear",
+    consume_hessian: bool = False,
 ) -> torch.Tensor:
     """Prune ``weight`` (rows × cols) with the OBS update; returns a new float32 tensor.
+
+    ``consume_hessian=True`` lets the solver overwrite a float32 ``hessian`` instead of copying it
+    (pruners pass a fresh one), which halves the c×c memory of the widest linear.
 
     Unstructured: per block, exactly ⌊p·rows·B⌋ lowest-score entries are pruned (the upstream
     ``<= threshold`` prunes one more; we don't copy that). N:M: at each group start the ``n``
     lowest scores per row among the group's *current* (already updated) weights are pruned.
     """
     w = weight.float().clone()
-    h = hessian.float().clone()
+    h = hessian.float()
+    if h is hessian and not consume_hessian:
+        h = h.clone()
     rows, cols = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    u = inverse_hessian_factor(h, percdamp, name)
+    u = inverse_hessian_factor(h, percdamp, name, overwrite=True)
     del h
 
     pattern = target.pattern
@@ -125,7 +140,8 @@ class SparseGPTPruner(LinearPruner):
     def prune(self, weight: torch.Tensor, target: SparsityTarget, gram: Gram | None) -> torch.Tensor:
         assert gram is not None
         return sparsegpt_solve(
-            weight, gram.hessian(), target, self.config.percdamp, self.config.blocksize, name=self.name
+            weight, gram.hessian(), target, self.config.percdamp, self.config.blocksize, name=self.name,
+            consume_hessian=True,
         )
 
 
