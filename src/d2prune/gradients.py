@@ -44,6 +44,7 @@ from .architecture import DecoderStack, find_decoder_stack, find_linears
 from .errors import UserError
 from .pipeline import (
     calibration_batches,
+    move_module_tensors,
     move_outside_stack,
     restore_outside_stack,
     to_device,
@@ -139,7 +140,7 @@ def plan_gradient_pass(
 
 def _whole_model(model, linears, windows, device, sums_device, scale, progress) -> dict[str, torch.Tensor]:
     weights = [lin.weight for lin in linears.values()]
-    previous = _move(model, device)
+    previous = move_module_tensors(model.modules(), device)
     try:
         sums = [torch.zeros(w.shape, dtype=torch.float32, device=sums_device) for w in weights]
         for window in tqdm(windows, desc="gradients", disable=not progress):
@@ -177,7 +178,7 @@ def _sweeps(model, stack, layer_linears, windows, device, scale, per_sweep, sums
         template = None
         with torch.no_grad():  # forward sweep: every layer's input, kept on the CPU
             for layer in stack.layers:
-                previous = _move(layer, device)
+                previous = move_module_tensors(layer.modules(), device)
                 try:
                     out_all = torch.empty_like(acts[-1])
                     for k, (rest, kwargs) in enumerate(extras):
@@ -190,7 +191,7 @@ def _sweeps(model, stack, layer_linears, windows, device, scale, per_sweep, sums
         for i in reversed(range(len(stack.layers))):  # backward sweep
             inputs, layer, paths = acts.pop(), stack.layers[i], list(layer_linears[i])
             weights = [lin.weight for lin in layer_linears[i].values()]
-            previous = _move(layer, device)
+            previous = move_module_tensors(layer.modules(), device)
             try:
                 layer_sums = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
                 for k, (rest, kwargs) in enumerate(extras):
@@ -326,18 +327,6 @@ def _normalize(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _move(module: nn.Module, device: torch.device) -> dict:
-    """Move every parameter and buffer of ``module`` to ``device``; returns what ``_restore`` needs."""
-    previous: dict[int, tuple[torch.Tensor, torch.device]] = {}
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for tensor in store.values():
-                if tensor is not None and id(tensor) not in previous:
-                    previous[id(tensor)] = (tensor, tensor.device)
-                    tensor.data = tensor.data.to(device)
-    return previous
 
 
 _restore = restore_outside_stack

@@ -86,16 +86,13 @@ def _same(a: Any, b: Any) -> bool:
     return a == b if type(a) is type(b) else False
 
 
-def move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.device | None) -> dict:
-    """Move every parameter and buffer outside the decoder stack to ``device``.
+def move_module_tensors(modules: Iterable[nn.Module], device: torch.device | None) -> dict:
+    """Move every parameter and buffer of ``modules`` to ``device`` (``None``: only record them).
 
     Returns their previous devices so ``restore_outside_stack`` can put them back.
     """
-    prefix = stack.path + "."
     previous: dict[int, tuple[torch.Tensor, torch.device]] = {}
-    for path, module in model.named_modules():
-        if path == stack.path or path.startswith(prefix):
-            continue
+    for module in modules:
         for store in (module._parameters, module._buffers):
             for tensor in store.values():
                 # Meta tensors belong to a streamed model that loads what it needs itself.
@@ -105,6 +102,13 @@ def move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.devi
                 if device is not None:
                     tensor.data = tensor.data.to(device)
     return previous
+
+
+def move_outside_stack(model: nn.Module, stack: DecoderStack, device: torch.device | None) -> dict:
+    """Move every parameter and buffer outside the decoder stack to ``device`` (see ``move_module_tensors``)."""
+    prefix = stack.path + "."
+    outside = (m for path, m in model.named_modules() if path != stack.path and not path.startswith(prefix))
+    return move_module_tensors(outside, device)
 
 
 def restore_outside_stack(previous: dict) -> None:
