@@ -312,6 +312,7 @@ class _LastUseGram(Gram):
     def __init__(self, gram: Gram):
         self.sum: torch.Tensor | None = gram.sum
         self.nsamples = gram.nsamples
+        self.cache = gram.cache
 
     def hessian(self) -> torch.Tensor:
         h, self.sum = self.sum, None

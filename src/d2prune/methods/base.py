@@ -54,6 +54,9 @@ class Gram(Statistic):
     def __init__(self, width: int, device: torch.device | str):
         self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.nsamples = 0
+        # What methods derive from the finished Gram (e.g. ALPS's eigendecomposition), so the
+        # linears that share it (q/k/v, gate/up) compute it once.
+        self.cache: dict = {}
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch ``x`` of shape (batch, tokens, width)."""
