@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
     _add_model_args(pr)
-    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | pruner-zero | magnitude")
+    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | pruner-zero | magnitude | alps | d2alps")
     pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
     pr.add_argument("--pattern", "--sparsity_type", default="unstructured", help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)")
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     d2.add_argument("--wanda-x-exponent", type=float, default=1.0, help="X exponent of the r1 term, no-update branch")
     d2.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
     d2.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
+    al = pr.add_argument_group("ALPS options (alps, d2alps)")
+    al.add_argument("--alps-rho", type=float, default=0.1, help="initial ADMM penalty rho (default 0.1)")
+    al.add_argument("--alps-iters", type=int, default=300, help="at most this many ADMM iterations (default 300)")
+    al.add_argument("--alps-cg-iters", type=int, default=10,
+                    help="PCG iterations on the final support (default 10)")
 
     ev = sub.add_parser("eval", help="evaluate a dense or saved model")
     _add_model_args(ev)
@@ -189,6 +194,7 @@ def _method_config(args: argparse.Namespace):
         "s": args.s, "auto_s": args.auto_s, "r1": args.r1, "r2": args.r2,
         "d2_wanda": args.d2_wanda, "d2_sparsegpt": args.d2_sparsegpt, "stats_mode": args.stats_mode,
         "wanda_x_exponent": args.wanda_x_exponent, "percdamp": args.percdamp, "blocksize": args.blocksize,
+        "rho": args.alps_rho, "admm_iters": args.alps_iters, "cg_iters": args.alps_cg_iters,
     }
     targets = _target_layers(args.target_layers)
     if targets is not None and targets != ["auto"]:

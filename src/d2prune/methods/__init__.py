@@ -1,6 +1,8 @@
 """Pruning methods, one module each; importing this package registers them all."""
 
+from .alps import ALPSConfig
 from .base import METHODS, Gram, LinearPruner, MethodConfig, Statistic, method_config, register
+from .d2alps import D2ALPSConfig
 from .d2prune import D2PruneConfig
 from .magnitude import MagnitudeConfig
 from .pruner_zero import PrunerZeroConfig
@@ -8,6 +10,8 @@ from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig
 
 __all__ = [
+    "ALPSConfig",
+    "D2ALPSConfig",
     "METHODS",
     "Gram",
     "LinearPruner",

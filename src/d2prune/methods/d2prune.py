@@ -13,6 +13,7 @@ All other linears use SparseGPT's OBS update with the mask chosen per block by (
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,7 +189,7 @@ class D2PruneConfig(MethodConfig):
             s = model_info.get("max_position_embeddings")
             if not s:
                 raise UserError("--auto-s needs the model's max_position_embeddings, which its config lacks")
-            return D2PruneConfig(**{**self.__dict__, "s": float(s), "auto_s": False})
+            return dataclasses.replace(self, s=float(s), auto_s=False)
         return self
 
     def validate(self, linear_names: list[str], layer_class: str) -> None:

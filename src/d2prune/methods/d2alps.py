@@ -1,0 +1,70 @@
+"""D²-ALPS (ours): ALPS on the updated linears with D²Prune's dual-Taylor terms in the support choice,
+and D²Prune's un-updated projections.
+
+Two ideas of D²Prune carried over to ALPS (docs/methods.md, D²-ALPS):
+  * the ADMM projection keeps the entries with the highest
+        Z̃² + r1·y_i·|Z|·dx_j − r2·Z²·dx_j²
+    (Z̃ = Z·sqrt(H_jj) the normalised iterate, y/dx D²Prune's output-row and input-column norms),
+    the score D²Prune's update branch adds to SparseGPT's W²/U_jj²;
+  * the linears in ``target_layers`` (one of q/k/v, chosen on held-out data by ``--target-layers auto``)
+    are pruned without weight update by D²Prune's no-update branch.
+With ``d2_sparsegpt`` off and ``target_layers`` empty it is plain ALPS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .alps import ALPSPruner, SupportScore, magnitude_score
+from .base import LinearPruner, register
+from .d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_terms
+
+
+class D2ALPSPruner(ALPSPruner):
+    """ALPS whose projection score carries D²Prune's activation-perturbation terms."""
+
+    def __init__(self, name: str, weight: torch.Tensor, config: "D2ALPSConfig"):
+        super().__init__(name, weight, config)
+        self.norms = NormStats(
+            self.rows, self.cols, config.s, config.stats_mode, config.stats_mode == "reference", self.device
+        )
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.norms.add(x, y)
+
+    def support_score(self) -> SupportScore:
+        c = self.config
+        if not c.d2_sparsegpt:
+            return magnitude_score
+
+        def score(z: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+            return z.pow(2) + d2_terms(z / norm.unsqueeze(0), self.norms.y, self.norms.dx, c.r1, c.r2)
+
+        return score
+
+
+@register
+@dataclass
+class D2ALPSConfig(D2PruneConfig):
+    """D²Prune's options (``d2_sparsegpt`` = D² terms in the ADMM projection; ``blocksize`` unused)
+    plus ALPS's, with ALPS's defaults."""
+
+    name = "d2alps"
+    rho: float = 0.1
+    admm_iters: int = 300
+    cg_iters: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.rho > 0:
+            raise UserError(f"ALPS's initial rho must be positive, got {self.rho}")
+        if self.admm_iters < 1 or self.cg_iters < 0:
+            raise UserError(f"ALPS needs admm_iters >= 1 and cg_iters >= 0, got {self.admm_iters}, {self.cg_iters}")
+
+    def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
+        if name in self.target_layers:
+            return D2WandaPruner(name, weight, self)
+        return D2ALPSPruner(name, weight, self)
