@@ -9,6 +9,7 @@ from .errors import UserError
 from .methods import (
     METHODS,
     D2PruneConfig,
+    DSnoTConfig,
     MagnitudeConfig,
     MethodConfig,
     PrunerZeroConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "METHODS",
     "MethodConfig",
     "D2PruneConfig",
+    "DSnoTConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
     "SparseGPTConfig",

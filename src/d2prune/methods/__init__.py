@@ -2,6 +2,7 @@
 
 from .base import METHODS, Gram, LinearPruner, MethodConfig, Statistic, method_config, register
 from .d2prune import D2PruneConfig
+from .dsnot import DSnoTConfig
 from .magnitude import MagnitudeConfig
 from .pruner_zero import PrunerZeroConfig
 from .sparsegpt import SparseGPTConfig
@@ -16,6 +17,7 @@ __all__ = [
     "method_config",
     "register",
     "D2PruneConfig",
+    "DSnoTConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
     "SparseGPTConfig",
