@@ -51,6 +51,7 @@ CASES: dict[str, dict] = {
     "d2prune-batch2": dict(method=lambda: d2prune.D2PruneConfig(target_layers=["self_attn.v_proj"]), batch_size=2),
     "pruner-zero": dict(method="pruner-zero", sparsity=0.5),
     "owl-wanda": dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0),
+    "dsnot": dict(method=lambda: d2prune.DSnoTConfig(base="wanda", skip=["self_attn.q_proj"]), sparsity=0.6),
 }
 
 

@@ -23,7 +23,7 @@ import torch
 import d2prune
 from conftest import SHARED, make_calibration_ids
 from d2prune import distributed
-from d2prune.methods import D2PruneConfig, Gram, WandaConfig
+from d2prune.methods import D2PruneConfig, DSnoTConfig, Gram, WandaConfig
 from d2prune.methods.base import LinearPruner
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +35,7 @@ TINY = SHARED / "models" / "aidreams260K"
 DATA = SHARED / "data"
 RTOL = 1e-5
 # Methods without a weight update: identical masks mean identical weights.
-EXACT = {"wanda", "magnitude", "owl-wanda", "pruner-zero"}
+EXACT = {"wanda", "magnitude", "owl-wanda", "pruner-zero", "dsnot"}
 
 
 def _free_port() -> int:
@@ -137,8 +137,9 @@ def _observations(cols=12, rows=5, batches=(1, 2, 1, 3), seed=0):
         lambda: D2PruneConfig(target_layers=[], s=3.0),
         lambda: D2PruneConfig(target_layers=["fc"], s=3.0, stats_mode="reference"),
         lambda: D2PruneConfig(target_layers=[], s=3.0, stats_mode="reference"),
+        lambda: DSnoTConfig(base=D2PruneConfig(target_layers=["fc"], s=3.0, stats_mode="reference"), skip=[]),
     ],
-    ids=["wanda", "d2-no-update", "d2-update", "d2-no-update-reference", "d2-update-reference"],
+    ids=["wanda", "d2-no-update", "d2-update", "d2-no-update-reference", "d2-update-reference", "dsnot-d2-reference"],
 )
 def test_statistics_summed_over_shards_equal_one_process(make):
     """What the pipeline does across ranks, by hand: shards observe, their sums are added, loaded."""

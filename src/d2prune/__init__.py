@@ -8,7 +8,10 @@ from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
 from .methods import (
     METHODS,
+    ALPSConfig,
+    D2ALPSConfig,
     D2PruneConfig,
+    DSnoTConfig,
     MagnitudeConfig,
     MethodConfig,
     PrunerZeroConfig,
@@ -28,7 +31,10 @@ __all__ = [
     "UserError",
     "METHODS",
     "MethodConfig",
+    "ALPSConfig",
+    "D2ALPSConfig",
     "D2PruneConfig",
+    "DSnoTConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
     "SparseGPTConfig",

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
     _add_model_args(pr)
-    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | pruner-zero | magnitude | alps | d2alps")
+    pr.add_argument("--method", "--prune_method", default="d2prune",
+                    help="d2prune | sparsegpt | wanda | pruner-zero | magnitude | alps | d2alps | ria | dsnot")
     pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
     pr.add_argument("--pattern", "--sparsity_type", default="unstructured", help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)")
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
@@ -121,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     pz = pr.add_argument_group("Pruner-Zero options")
     pz.add_argument("--gradient-source", default=None, help="text for the gradient pass (default: the calibration source)")
     pz.add_argument("--gradient-cache", default=None, help="safetensors file to store / reuse the gradient statistic")
+    ds = pr.add_argument_group("DSnoT options")
+    ds.add_argument("--dsnot-base", default="wanda",
+                    help="method whose mask DSnoT refines, with its own options from the flags here (default wanda)")
+    ds.add_argument("--dsnot-cycles", type=int, default=50, help="at most this many swaps per row (default 50)")
+    ds.add_argument("--dsnot-threshold", type=float, default=0.1,
+                    help="stop a row once its |expected error| is at most this (default 0.1)")
+    ds.add_argument("--dsnot-gamma", type=float, default=1.0, help="variance exponent of the regrow ranking (default 1)")
+    ds.add_argument("--dsnot-skip", nargs="+", default=None,
+                    help="linears left as the base pruned them, by name or a dot part of it "
+                         "(default: mlp fc1 fc2, the MLP linears; 'none' for none)")
     d2 = pr.add_argument_group("D²Prune / SparseGPT options")
     d2.add_argument("--s", type=float, default=1500.0, help="activation scale s (default 1500)")
     d2.add_argument("--auto-s", "--auto_s", action="store_true", help="s = the model's max_position_embeddings")
@@ -201,8 +212,21 @@ def _method_config(args: argparse.Namespace):
         options["target_layers"] = targets
     if args.gradient_cache:
         options["gradient_cache"] = args.gradient_cache
-    fields = {f.name for f in dataclasses.fields(METHODS[name])}
-    return method_config(name, **{k: v for k, v in options.items() if k in fields})
+    options.update(max_cycles=args.dsnot_cycles, update_threshold=args.dsnot_threshold, gamma=args.dsnot_gamma)
+    if args.dsnot_skip is not None:
+        options["skip"] = [] if [s.lower() for s in args.dsnot_skip] == ["none"] else args.dsnot_skip
+
+    def build(key: str):
+        fields = {f.name for f in dataclasses.fields(METHODS[key])}
+        kwargs = {k: v for k, v in options.items() if k in fields}
+        if "base" in fields:  # a method that refines another's mask (DSnoT): the base from the same options
+            base = str(args.dsnot_base).strip().lower()
+            if base not in METHODS:
+                raise UserError(f"unknown --dsnot-base {args.dsnot_base!r}: choose one of {', '.join(sorted(METHODS))}")
+            kwargs["base"] = base if base == key else build(base)  # its own base: the config says why not
+        return method_config(key, **kwargs)
+
+    return build(name)
 
 
 def _layer_sparsities(values: list[str] | None) -> list[float] | None:

@@ -4,6 +4,7 @@ from .alps import ALPSConfig
 from .base import METHODS, Gram, LinearPruner, MethodConfig, Statistic, method_config, register
 from .d2alps import D2ALPSConfig
 from .d2prune import D2PruneConfig
+from .dsnot import DSnoTConfig
 from .magnitude import MagnitudeConfig
 from .pruner_zero import PrunerZeroConfig
 from .sparsegpt import SparseGPTConfig
@@ -20,6 +21,7 @@ __all__ = [
     "method_config",
     "register",
     "D2PruneConfig",
+    "DSnoTConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
     "SparseGPTConfig",
