@@ -513,8 +513,9 @@ def _run(args: argparse.Namespace) -> int:
             activation_dir=str(output_dir / ".activations") if output_dir else None,
         )
         args.auto_target = _target_layers(args.target_layers) == ["auto"]
-        if args.auto_target and config.method.name != "d2prune":
-            raise UserError(f"--target-layers auto applies to d2prune, not to {config.method.name}")
+        if args.auto_target and "target_layers" not in {f.name for f in dataclasses.fields(config.method)}:
+            raise UserError(f"--target-layers auto applies to methods with un-updated projections (d2prune, d2alps), "
+                            f"not to {config.method.name}")
         if args.nsamples < 1:
             raise UserError(f"--nsamples must be at least 1, got {args.nsamples}")
         if args.save_model and output_dir is None and args.save_model is True:

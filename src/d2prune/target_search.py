@@ -42,7 +42,7 @@ def choose_target_layers(
     ``heldout`` is a LongTensor (windows, tokens), each row one evaluation window.
     """
     if not hasattr(config.method, "target_layers"):
-        raise UserError(f"--target-layers auto applies to d2prune, not to {config.method.name}")
+        raise UserError(f"--target-layers auto applies to methods with un-updated projections, not to {config.method.name}")
     candidates = candidates if candidates is not None else target_candidates(model)
     stack = find_decoder_stack(model)
     weights = {

@@ -175,3 +175,66 @@ def test_auto_rho_restart_and_support_trace_are_recorded():
     trace = []
     alps_solve(w, normalized_gram(gram, 0.01), SparsityTarget(0.7), rho=1e4, trace=trace)
     assert trace[0].iterations >= 3 and trace[0].support_changes
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+import json  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+TINY = SHARED / "models" / "aidreams260K"
+DATA = SHARED / "data"
+QUICK = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4", "--no-progress", "--data-dir", str(DATA)]
+needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@needs_assets
+def test_cli_alps_with_its_options(tmp_path, cache):
+    from d2prune.cli import main
+
+    out = tmp_path / "alps"
+    assert main(["prune", str(TINY), "--method", "alps", "--sparsity", "0.7", "--alps-rho", "0.2",
+                 "--alps-iters", "60", "--alps-cg-iters", "5", "--percdamp", "0.02", "--output-dir", str(out),
+                 *QUICK]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["config"]["method"] == {"name": "alps", "rho": 0.2, "admm_iters": 60, "cg_iters": 5, "percdamp": 0.02}
+    assert rec["overall_sparsity"] == pytest.approx(0.7, abs=1e-3)
+    assert all(lin["weight_update"] for lin in rec["linears"])
+
+
+@needs_assets
+def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, cache):
+    from d2prune.cli import main
+
+    out = tmp_path / "d2alps"
+    assert main(["prune", str(TINY), "--method", "d2alps", "--pattern", "2:4", "--target-layers", "auto",
+                 "--heldout-windows", "2", "--output-dir", str(out), *QUICK]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    search = rec["target_search"]
+    assert set(search["heldout_ppl"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "none"}
+    chosen = [] if search["chosen"] == "none" else [search["chosen"]]
+    assert rec["config"]["method"]["name"] == "d2alps" and rec["config"]["method"]["target_layers"] == chosen
+    assert all(lin["nm_violations"] == 0 for lin in rec["linears"])
+
+
+@needs_assets
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "alps", "--alps-rho", "0"], "rho"),
+    (["--method", "d2alps", "--alps-iters", "0"], "admm_iters"),
+    (["--method", "alps", "--target-layers", "auto"], "--target-layers auto"),
+])
+def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cache):
+    from d2prune.cli import main
+
+    assert main(["prune", str(TINY), *args, *QUICK, "--eval", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("d2prune: error:") and needle in err and "\n" not in err
