@@ -50,6 +50,8 @@ CASES: dict[str, dict] = {
     ),
     "d2prune-batch2": dict(method=lambda: d2prune.D2PruneConfig(target_layers=["self_attn.v_proj"]), batch_size=2),
     "pruner-zero": dict(method="pruner-zero", sparsity=0.5),
+    "ria": dict(method="ria", sparsity=0.5),
+    "ria-2:4-permute": dict(method=lambda: d2prune.RIAConfig(permute=True), pattern="2:4"),
     "owl-wanda": dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0),
 }
 

@@ -12,6 +12,7 @@ from .methods import (
     MagnitudeConfig,
     MethodConfig,
     PrunerZeroConfig,
+    RIAConfig,
     SparseGPTConfig,
     WandaConfig,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "D2PruneConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
+    "RIAConfig",
     "SparseGPTConfig",
     "WandaConfig",
     "Pattern",

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
     _add_model_args(pr)
-    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | pruner-zero | magnitude")
+    pr.add_argument("--method", "--prune_method", default="d2prune", help="d2prune | sparsegpt | wanda | ria | pruner-zero | magnitude")
     pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
     pr.add_argument("--pattern", "--sparsity_type", default="unstructured", help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)")
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     pz = pr.add_argument_group("Pruner-Zero options")
     pz.add_argument("--gradient-source", default=None, help="text for the gradient pass (default: the calibration source)")
     pz.add_argument("--gradient-cache", default=None, help="safetensors file to store / reuse the gradient statistic")
+    ri = pr.add_argument_group("RIA options")
+    ri.add_argument("--ria-a", type=float, default=0.5, help="exponent a of the activation norm ‖X_j‖₂^a (default 0.5)")
+    ri.add_argument("--ria-group", default="linear",
+                    help="comparison group: linear (one threshold per matrix, default) or row")
+    ri.add_argument("--ria-permute", action="store_true",
+                    help="N:M channel permutation where exact (MLP down/fc2 inputs, with their producers)")
     d2 = pr.add_argument_group("D²Prune / SparseGPT options")
     d2.add_argument("--s", type=float, default=1500.0, help="activation scale s (default 1500)")
     d2.add_argument("--auto-s", "--auto_s", action="store_true", help="s = the model's max_position_embeddings")
@@ -189,6 +195,7 @@ def _method_config(args: argparse.Namespace):
         "s": args.s, "auto_s": args.auto_s, "r1": args.r1, "r2": args.r2,
         "d2_wanda": args.d2_wanda, "d2_sparsegpt": args.d2_sparsegpt, "stats_mode": args.stats_mode,
         "wanda_x_exponent": args.wanda_x_exponent, "percdamp": args.percdamp, "blocksize": args.blocksize,
+        "a": args.ria_a, "group": args.ria_group, "permute": args.ria_permute,  # RIAConfig's fields
     }
     targets = _target_layers(args.target_layers)
     if targets is not None and targets != ["auto"]:

@@ -4,6 +4,7 @@ from .base import METHODS, Gram, LinearPruner, MethodConfig, Statistic, method_c
 from .d2prune import D2PruneConfig
 from .magnitude import MagnitudeConfig
 from .pruner_zero import PrunerZeroConfig
+from .ria import RIAConfig
 from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig
 
@@ -18,6 +19,7 @@ __all__ = [
     "D2PruneConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
+    "RIAConfig",
     "SparseGPTConfig",
     "WandaConfig",
 ]
