@@ -52,6 +52,8 @@ CASES: dict[str, dict] = {
     "pruner-zero": dict(method="pruner-zero", sparsity=0.5),
     "alps": dict(method="alps", sparsity=0.6),
     "d2alps-2:4": dict(method=lambda: d2prune.D2ALPSConfig(target_layers=["self_attn.v_proj"]), pattern="2:4"),
+    "ria": dict(method="ria", sparsity=0.5),
+    "ria-2:4-permute": dict(method=lambda: d2prune.RIAConfig(permute=True), pattern="2:4"),
     "owl-wanda": dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0),
     "dsnot": dict(method=lambda: d2prune.DSnoTConfig(base="wanda", skip=["self_attn.q_proj"]), sparsity=0.6),
 }

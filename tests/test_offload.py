@@ -75,7 +75,7 @@ def _assert_identical(a: Path, b: Path) -> None:
 @pytest.mark.parametrize(
     "key,method,tied",
     [("llama-gqa", "sparsegpt", False), ("llama-gqa", "wanda", True), ("opt", "sparsegpt", True), ("gpt-neox", "magnitude", False), ("opt", "alps", False),
-     ("llama-gqa", "dsnot", False)],
+     ("llama-gqa", "dsnot", False), ("opt", "ria", False)],
 )
 def test_streamed_output_is_identical_to_in_memory_pruning(tmp_path, key, method, tied):
     model, src = _checkpoint(tmp_path, key, tie_word_embeddings=tied)

@@ -15,6 +15,7 @@ from .methods import (
     MagnitudeConfig,
     MethodConfig,
     PrunerZeroConfig,
+    RIAConfig,
     SparseGPTConfig,
     WandaConfig,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DSnoTConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
+    "RIAConfig",
     "SparseGPTConfig",
     "WandaConfig",
     "Pattern",

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--dsnot-skip", nargs="+", default=None,
                     help="linears left as the base pruned them, by name or a dot part of it "
                          "(default: mlp fc1 fc2, the MLP linears; 'none' for none)")
+    ri = pr.add_argument_group("RIA options")
+    ri.add_argument("--ria-a", type=float, default=0.5, help="exponent a of the activation norm ‖X_j‖₂^a (default 0.5)")
+    ri.add_argument("--ria-group", default="linear",
+                    help="comparison group: linear (one threshold per matrix, default) or row")
+    ri.add_argument("--ria-permute", action="store_true",
+                    help="N:M channel permutation where exact (MLP down/fc2 inputs, with their producers)")
     d2 = pr.add_argument_group("D²Prune / SparseGPT options")
     d2.add_argument("--s", type=float, default=1500.0, help="activation scale s (default 1500)")
     d2.add_argument("--auto-s", "--auto_s", action="store_true", help="s = the model's max_position_embeddings")
@@ -206,6 +212,7 @@ def _method_config(args: argparse.Namespace):
         "d2_wanda": args.d2_wanda, "d2_sparsegpt": args.d2_sparsegpt, "stats_mode": args.stats_mode,
         "wanda_x_exponent": args.wanda_x_exponent, "percdamp": args.percdamp, "blocksize": args.blocksize,
         "rho": args.alps_rho, "admm_iters": args.alps_iters, "cg_iters": args.alps_cg_iters,
+        "a": args.ria_a, "group": args.ria_group, "permute": args.ria_permute,  # RIAConfig's fields
     }
     targets = _target_layers(args.target_layers)
     if targets is not None and targets != ["auto"]:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .activations import Activations
 from .architecture import DecoderStack, find_decoder_stack, find_linears
+from .channels import find_producers, permute_channels
 from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
 from .methods import Gram, LinearPruner
@@ -272,11 +273,14 @@ class _LayerStats:
         self.grams: dict[str, Gram] = {}
         self._seen: dict[int, tuple[torch.Tensor, Gram]] = {}
         self._added: dict[int, torch.Tensor] = {}
+        self.order: list[str] = []  # the linears in the order the forward ran them (see channels.py)
         self.handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
+            if name not in self.order:
+                self.order.append(name)
             self.pruners[name].observe(x, output)
             if name not in self.gram_names:
                 return
@@ -537,6 +541,15 @@ def _prune_layer(
     # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
     owners = distributed.assign({name: p.work() for name, p in pruners.items()}, world.size)
     updates = {name: p.updates_weights for name, p in pruners.items()}
+    # Linears whose input channels may be permuted together with their producers' outputs, for
+    # pruners that permute (RIA with --ria-permute). All ranks hold every pruner here: same answer.
+    producers: dict[str, list[str]] = {}
+    if any(p.may_permute_inputs for p in pruners.values()):
+        producers = {c: ps for c, ps in find_producers(layer, linears, stats.order).items()
+                     if pruners[c].may_permute_inputs}
+    for name in producers:
+        pruners[name].inputs_permutable = True
+    perms: dict[str, torch.Tensor] = {}
     for name in linears:
         if owners[name] != world.rank:  # another rank's: its statistics are not needed here
             del pruners[name]
@@ -551,8 +564,12 @@ def _prune_layer(
             if gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values()):
                 gram = _LastUseGram(gram)
             done[name] = _prune_linear(lin, pruner, target, gram, config.measure_error)
+            if pruner.input_permutation is not None:
+                perms[name] = pruner.input_permutation.cpu()
             del pruner, gram
     done = distributed.share_pruned(world, linears, owners, done)
+    if producers:
+        _apply_permutations(world, linears, producers, perms)
     for name, lin in linears.items():
         error, seconds = done[name]
         zeros = int((lin.weight.data == 0).sum())
@@ -578,6 +595,22 @@ def _prune_layer(
     with world.sync(f"running the pruned layer {index}"):
         run_layer(layer, acts.inps, extras, sizes, acts.outs)
     timings["pruned_forward"] += time.perf_counter() - t0
+
+
+def _apply_permutations(
+    world: distributed.World, linears: dict[str, nn.Linear], producers: dict[str, list[str]], perms: dict[str, torch.Tensor]
+) -> None:
+    """Store the input-channel permutations the pruners chose: each consumer's columns and its
+    producers' output rows (and biases) are permuted together, so the layer computes the same function
+    and an N:M mask chosen in permuted order holds in stored order. Row and column permutations
+    commute, so a linear that is both producer and consumer gets both. Producers were pruned along
+    their inputs: permuting their rows keeps their N:M groups."""
+    if world.size > 1:  # [distributed] each permutation is known to the rank that pruned its consumer
+        perms = {name: perm for share in world.all_gathered(perms, "sharing the channel permutations")
+                 for name, perm in share.items()}
+    for name in linears:
+        if name in perms:
+            permute_channels(linears[name], [linears[p] for p in producers[name]], perms[name])
 
 
 def _prune_linear(

@@ -7,6 +7,7 @@ from .d2prune import D2PruneConfig
 from .dsnot import DSnoTConfig
 from .magnitude import MagnitudeConfig
 from .pruner_zero import PrunerZeroConfig
+from .ria import RIAConfig
 from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig
 
@@ -24,6 +25,7 @@ __all__ = [
     "DSnoTConfig",
     "MagnitudeConfig",
     "PrunerZeroConfig",
+    "RIAConfig",
     "SparseGPTConfig",
     "WandaConfig",
 ]

@@ -87,6 +87,15 @@ class LinearPruner:
 
     needs_gram: ClassVar[bool] = False
     updates_weights: ClassVar[bool] = False
+    # Input-channel permutation (RIA's N:M channel permutation, see ``d2prune.channels``). A pruner
+    # with ``may_permute_inputs`` gets ``inputs_permutable`` set by the pipeline before ``prune`` when
+    # this linear's input columns can be permuted exactly, together with the output rows of the
+    # linears producing its input. ``prune`` may then set ``input_permutation`` (a LongTensor: stored
+    # column k becomes column ``perm[k]``) and return the weight still in the original column order;
+    # the pipeline stores the permuted order. ``may_permute_inputs`` must be the same on every rank.
+    may_permute_inputs: bool = False
+    inputs_permutable: bool = False
+    input_permutation: torch.Tensor | None = None
 
     def __init__(self, name: str, weight: torch.Tensor):
         self.name = name
