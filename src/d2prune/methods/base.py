@@ -87,6 +87,10 @@ class LinearPruner:
 
     needs_gram: ClassVar[bool] = False
     updates_weights: ClassVar[bool] = False
+    # Whether the run-level refit (``PruneConfig.refit``) may replace this pruner's weights by the
+    # least-squares optimum on its mask. A method that deliberately leaves some linears' kept
+    # weights as they are (D²Prune's no-update branch) sets it False for those.
+    refit_allowed: bool = True
 
     def __init__(self, name: str, weight: torch.Tensor):
         self.name = name
