@@ -3,7 +3,6 @@ the pipeline): brute-force references on small float64 problems, then end to end
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from d2prune.methods import D2PruneConfig
 from d2prune.methods.base import LinearPruner
 from d2prune.methods.d2prune import D2WandaPruner
 from d2prune.methods.least_squares import damp_hessian, masked_pcg, reconstruction_error, refit_on_support, row_errors
-from d2prune.patterns import Pattern, SparsityTarget, nm_mask
+from d2prune.patterns import nm_mask
 
 # --------------------------------------------------------------------------------------------------
 # the solver against brute force
@@ -287,7 +286,7 @@ def test_refit_with_the_owl_profile_and_2_4():
     assert [lin.sparsity for lin in report.linears] == [lin.sparsity for lin in plain.linears]
     assert all(lin.relative_error <= lin.relative_error_before_refit * (1 + 1e-5) for lin in report.linears)
 
-    _, nm, weights = _run("sparsegpt", ids, pattern="2:4", refit="cg")
+    _, nm, _ = _run("sparsegpt", ids, pattern="2:4", refit="cg")
     assert nm.nm_ok and all(lin.relative_error <= lin.relative_error_before_refit * (1 + 1e-5) for lin in nm.linears)
 
 

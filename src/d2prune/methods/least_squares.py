@@ -47,8 +47,9 @@ def masked_pcg(
 
     ``target``: the dense weights t (rows × cols); ``hessian``: a symmetric positive definite H (its
     dtype is the working dtype); ``keep``: bool mask of the support; ``start``: warm start (its
-    values off the support are ignored). Stops when every row's relative residual is ≤ ``tol`` or
-    after ``max_iters`` iterations. Entries off the support are exactly 0 in the result.
+    values off the support are ignored). Each row stops once its relative residual is ≤ ``tol``;
+    the solve ends when all have, or after ``max_iters`` iterations. Entries off the support are
+    exactly 0 in the result.
     """
     dtype = hessian.dtype
     keep_f = keep.to(dtype)
