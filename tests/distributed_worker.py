@@ -56,6 +56,8 @@ CASES: dict[str, dict] = {
     "ria-2:4-permute": dict(method=lambda: d2prune.RIAConfig(permute=True), pattern="2:4"),
     "owl-wanda": dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0),
     "dsnot": dict(method=lambda: d2prune.DSnoTConfig(base="wanda", skip=["self_attn.q_proj"]), sparsity=0.6),
+    "wanda-refit": dict(method="wanda", sparsity=0.5, refit="cg"),
+    "d2prune-refit": dict(method=lambda: d2prune.D2PruneConfig(target_layers=["self_attn.k_proj"]), refit="cg"),
 }
 
 
@@ -78,6 +80,7 @@ def prune_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
         "outlier_ratios": report.outlier_ratios,
         "layer_sparsities": report.layer_sparsities,
         "relative_errors": [lin.relative_error for lin in report.linears],
+        "errors_before_refit": [lin.relative_error_before_refit for lin in report.linears],
     }
     return weights, summary
 

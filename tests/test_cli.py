@@ -103,7 +103,9 @@ def test_reference_target_layer_list_syntax():
 def _cli(*args, env_cache):
     proc = subprocess.run(
         [sys.executable, "-m", "d2prune", *args], capture_output=True, text=True,
-        env={"D2PRUNE_CACHE": str(env_cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300,
+        # PYTHONPATH: this checkout's package, not whichever one is installed.
+        env={"D2PRUNE_CACHE": str(env_cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+             "PYTHONPATH": str(ROOT / "src")}, timeout=300,
     )
     return proc.returncode, proc.stderr
 
@@ -121,6 +123,10 @@ def _cli(*args, env_cache):
         (["prune", str(TINY), "--calib", "/no/such/file.jsonl", *QUICK], "/no/such/file.jsonl"),
         (["prune", str(TINY), "--nsamples", "2", "--seqlen", "100000", "--no-progress", "--data-dir", str(DATA)], "windows"),
         (["prune", str(TINY), "--frobnicate"], "unrecognized arguments"),
+        (["prune", str(TINY), "--refit", "lsq"], "invalid choice"),
+        (["prune", str(TINY), "--refit-target-layers", *QUICK], "needs --refit cg"),
+        (["prune", str(TINY), "--method", "wanda", "--refit", "cg", "--refit-target-layers", *QUICK], "applies to"),
+        (["prune", str(TINY), "--refit", "cg", "--refit-iters", "0", *QUICK], "iterations"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(args, needle, tmp_path):
@@ -150,6 +156,28 @@ def test_smoke_smollm2_d2prune_half(tmp_path):
     assert all(abs(lin["sparsity"] - 0.5) <= 0.005 for lin in rec["linears"])
     ppl = rec["perplexity"]["pruned"]["wikitext2"]["ppl"]
     assert ppl == ppl and ppl < 1e4
+
+
+@needs_assets
+def test_refit_from_cli_records_errors_before_and_after(tmp_path, cache, capsys):
+    out, plain = tmp_path / "refit", tmp_path / "plain"
+    common = ["prune", str(TINY), "--method", "d2prune", "--sparsity", "0.6", "--eval", "none", *QUICK]
+    assert main([*common, "--output-dir", str(plain)]) == 0
+    assert "refit" not in capsys.readouterr().out.splitlines()[0]
+    assert main([*common, "--refit", "cg", "--refit-iters", "50", "--output-dir", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "err before refit" in header and "err after refit" in header
+    rec, rec0 = (json.loads((d / "run.json").read_text()) for d in (out, plain))
+    assert rec["config"]["refit"] == "cg" and rec["config"]["refit_iters"] == 50
+    assert "refit_target_layers" not in rec["config"]["method"]
+    assert not any("refit" in key for key in rec0["config"]) and "refit_target_layers" not in rec0["config"]["method"]
+    assert all("relative_error_before_refit" not in lin for lin in rec0["linears"])
+    for lin in rec["linears"]:
+        if lin["name"].endswith("k_proj"):  # D²Prune's no-update branch: left as pruned
+            assert "relative_error_before_refit" not in lin and not lin["weight_update"]
+        else:
+            assert lin["relative_error"] <= lin["relative_error_before_refit"] * (1 + 1e-5)
+    assert rec["overall_sparsity"] == rec0["overall_sparsity"]
 
 
 @needs_assets

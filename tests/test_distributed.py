@@ -277,6 +277,11 @@ def test_two_ranks_prune_like_one_process(two_ranks, case):
     if case.startswith("owl"):
         assert two["outlier_ratios"] == summary["outlier_ratios"]
     assert two["relative_errors"] == pytest.approx(summary["relative_errors"], rel=1e-4, abs=1e-9)
+    before = summary["errors_before_refit"]
+    assert [e is None for e in two["errors_before_refit"]] == [e is None for e in before]
+    assert any(e is not None for e in before) == case.endswith("refit")
+    assert [e for e in two["errors_before_refit"] if e is not None] == pytest.approx(
+        [e for e in before if e is not None], rel=1e-4, abs=1e-9)
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(two_ranks):

@@ -212,6 +212,42 @@ def test_interrupted_run_resumes_to_an_identical_result(tmp_path, monkeypatch, a
         prune_checkpoint(src, ids, config, target, resume=True)
 
 
+@pytest.mark.parametrize("method", ["wanda", "d2prune"])
+def test_streamed_refit_matches_in_memory_and_survives_a_resume(tmp_path, monkeypatch, method):
+    model, src = _checkpoint(tmp_path, "llama-gqa", num_hidden_layers=3)
+    ids = make_calibration_ids(windows=6, tokens=16)
+    config = _config(d2prune.D2PruneConfig(target_layers=["self_attn.v_proj"]) if method == "d2prune" else method,
+                     refit="cg", activation_offload="disk")
+    full, out = prune_checkpoint(src, ids, config, tmp_path / "full")
+    mem_report = d2prune.prune(model, ids, config)
+    save_pruned(model, None, tmp_path / "memory", mem_report.sparsity_record())
+    _assert_identical(out, tmp_path / "memory")
+    summary = lambda report: [(lin.name, lin.sparsity, lin.relative_error, lin.relative_error_before_refit)
+                              for lin in report.linears]
+    assert summary(full) == summary(mem_report)
+    assert sum(lin.relative_error_before_refit is not None for lin in full.linears) == 3 * (7 - (method == "d2prune"))
+
+    # Interrupted after layer 1 and resumed: the reports of layers 0 and 1 come from the resume state.
+    original = offload.StreamedStore.layer_done
+
+    def stop_after_layer_1(self, index, report, acts):
+        original(self, index, report, acts)
+        if index == 1:
+            raise _Stop
+
+    monkeypatch.setattr(offload.StreamedStore, "layer_done", stop_after_layer_1)
+    with pytest.raises(_Stop):
+        prune_checkpoint(src, ids, config, tmp_path / "resumed")
+    monkeypatch.setattr(offload.StreamedStore, "layer_done", original)
+    saved = read_progress(tmp_path / "resumed")["report"]["linears"]
+    assert len(saved) == 14 and all("relative_error_before_refit" in d for d in saved
+                                    if not d["name"].endswith("v_proj") or method != "d2prune")
+    resumed, _ = prune_checkpoint(src, ids, config, tmp_path / "resumed", resume=True)
+    assert resumed.resumed_at_layer == 2
+    assert summary(resumed) == summary(full)
+    _assert_identical(tmp_path / "resumed", out)
+
+
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "d2prune", *args], capture_output=True, text=True, env=env, timeout=600)

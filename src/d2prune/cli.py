@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, times the mean score (default 5)")
     ls.add_argument("--layer-sparsities", nargs="+", default=None,
                     help="explicit per-decoder-layer sparsities (numbers, or one JSON file holding a list)")
+    rf = pr.add_argument_group("refit: exact least squares on each linear's mask, after any method")
+    rf.add_argument("--refit", choices=["cg", "none"], default="none",
+                    help="cg: re-solve each pruned linear's kept weights for the least output error on its mask "
+                         "(batched preconditioned conjugate gradients); none (default): keep the method's weights")
+    rf.add_argument("--refit-iters", type=int, default=100, help="most CG iterations per linear (default 100)")
+    rf.add_argument("--refit-target-layers", action="store_true",
+                    help="D²Prune: refit its no-update --target-layers too (default: left as pruned)")
     hs = pr.add_argument_group("--target-layers auto: held-out choice of the un-updated projection")
     hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
     hs.add_argument("--heldout-windows", type=int, default=16, help="held-out windows (default 16)")
@@ -213,6 +220,7 @@ def _method_config(args: argparse.Namespace):
         "wanda_x_exponent": args.wanda_x_exponent, "percdamp": args.percdamp, "blocksize": args.blocksize,
         "rho": args.alps_rho, "admm_iters": args.alps_iters, "cg_iters": args.alps_cg_iters,
         "a": args.ria_a, "group": args.ria_group, "permute": args.ria_permute,  # RIAConfig's fields
+        "refit_target_layers": args.refit_target_layers,
     }
     targets = _target_layers(args.target_layers)
     if targets is not None and targets != ["auto"]:
@@ -233,7 +241,12 @@ def _method_config(args: argparse.Namespace):
             kwargs["base"] = base if base == key else build(base)  # its own base: the config says why not
         return method_config(key, **kwargs)
 
-    return build(name)
+    config = build(name)
+    if args.refit_target_layers and not any(
+        "refit_target_layers" in {f.name for f in dataclasses.fields(c)} for c in (config, getattr(config, "base", None)) if c
+    ):
+        raise UserError(f"--refit-target-layers applies to methods with no-update target layers, not to {name}")
+    return config
 
 
 def _layer_sparsities(values: list[str] | None) -> list[float] | None:
@@ -515,7 +528,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, measure_error=not args.no_measure_error, progress=not args.no_progress,
             sparsity_profile=args.sparsity_profile, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
             layer_sparsities=_layer_sparsities(args.layer_sparsities), activation_offload=args.activation_offload,
-            offload_threshold=args.offload_threshold,
+            offload_threshold=args.offload_threshold, refit=args.refit, refit_iters=args.refit_iters,
             # Next to the output rather than in /tmp, which is often a RAM disk.
             activation_dir=str(output_dir / ".activations") if output_dir else None,
         )
@@ -643,6 +656,10 @@ def _run(args: argparse.Namespace) -> int:
         if name.lower() != "none":
             row[f"dense ppl ({name})"] = ppl.get("dense", {}).get(name, {}).get("ppl")
             row[f"pruned ppl ({name})"] = ppl["pruned"][name]["ppl"]
+    refitted = [lin for lin in report.linears if lin.relative_error_before_refit is not None]
+    if refitted:  # mean relative error of the refitted linears, before and after the refit
+        row["err before refit"] = sum(lin.relative_error_before_refit for lin in refitted) / len(refitted)
+        row["err after refit"] = sum(lin.relative_error for lin in refitted) / len(refitted)
     row["prune s"] = timings["prune"]
     row["total s"] = sum(timings.values())
     print(format_table([row], list(row)))

@@ -10,6 +10,8 @@ from .errors import UserError
 from .methods import MethodConfig, method_config
 from .patterns import Pattern, SparsityTarget
 
+REFITS = ("cg", "none")
+
 
 @dataclass
 class PruneConfig:
@@ -36,6 +38,13 @@ class PruneConfig:
     activation_offload: str = "auto"
     activation_dir: str | None = None
     offload_threshold: float = 0.5
+    # After each linear's mask is chosen, solve the least squares on that support exactly ("cg":
+    # batched Jacobi-PCG on the damped Hessian, at most ``refit_iters`` iterations, to a relative
+    # residual of ``refit_tol``), for every pruner whose ``refit_allowed`` is set. "none": off.
+    refit: str = "none"
+    refit_iters: int = 100
+    refit_tol: float = 1e-6
+    refit_percdamp: float = 0.01
 
     def __post_init__(self) -> None:
         self.method = method_config(self.method)
@@ -57,6 +66,15 @@ class PruneConfig:
         check_mode(self.activation_offload)
         if not 0 < self.offload_threshold:
             raise UserError(f"the offload threshold is a fraction of the available memory (> 0), got {self.offload_threshold}")
+        if self.refit not in REFITS:
+            raise UserError(f"unknown refit {self.refit!r}: choose one of {', '.join(REFITS)}")
+        if self.refit_iters < 1 or not self.refit_tol >= 0 or not self.refit_percdamp >= 0:
+            raise UserError(
+                f"the refit needs iterations >= 1, tol >= 0 and percdamp >= 0, got {self.refit_iters}, "
+                f"{self.refit_tol}, {self.refit_percdamp}"
+            )
+        if self.refit == "none" and getattr(self.method, "refit_target_layers", False):
+            raise UserError("refitting the target layers (--refit-target-layers) needs --refit cg")
 
     def target(self, layer_index: int, num_layers: int) -> SparsityTarget:
         if self.pattern.is_nm:
@@ -82,6 +100,9 @@ class PruneConfig:
             "measure_error": self.measure_error,
             "activation_offload": self.activation_offload,
             "offload_threshold": self.offload_threshold,
+            # Only when on, so the records of runs without a refit stay as they were.
+            **({"refit": self.refit, "refit_iters": self.refit_iters, "refit_tol": self.refit_tol,
+                "refit_percdamp": self.refit_percdamp} if self.refit != "none" else {}),
         }
 
 
@@ -97,6 +118,15 @@ class LinearReport:
     nm_violations: int | None
     weight_update: bool
     seconds: float
+    # With a refit: the error of the method's own weights, before the exact least squares on its
+    # mask (``relative_error`` is then the error after it). None without one, and not serialized.
+    relative_error_before_refit: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["relative_error_before_refit"] is None:
+            del d["relative_error_before_refit"]
+        return d
 
 
 @dataclass
@@ -145,5 +175,5 @@ class PruneReport:
             "timings": self.timings,
             "activations": self.activations,
             "resumed_at_layer": self.resumed_at_layer,
-            "linears": [asdict(lin) for lin in self.linears],
+            "linears": [lin.to_dict() for lin in self.linears],
         }

@@ -355,18 +355,27 @@ def reduce_statistics(world: World, holders: Iterable[Any], what: str) -> None:
 
 
 def share_pruned(
-    world: World, linears: dict[str, torch.nn.Linear], owners: dict[str, int], done: dict[str, tuple[float | None, float]]
-) -> dict[str, tuple[float | None, float]]:
-    """Broadcast each pruned weight from its owner; returns (relative error, seconds) of every
-    linear on every rank (``done`` holds this rank's own)."""
+    world: World,
+    linears: dict[str, torch.nn.Linear],
+    owners: dict[str, int],
+    done: dict[str, tuple[float | None, float | None, float]],
+) -> dict[str, tuple[float | None, float | None, float]]:
+    """Broadcast each pruned weight from its owner; returns (relative error, error before the
+    refit, seconds) of every linear on every rank (``done`` holds this rank's own)."""
     if world.size == 1:
         return done
     for name, lin in linears.items():
         world.broadcast_(lin.weight.data, owners[name], f"sending the pruned {name}")
-    info = torch.zeros(len(linears), 3, dtype=torch.float64)  # has error, error, seconds
+    # has error, error, has error before refit, error before refit, seconds
+    info = torch.zeros(len(linears), 5, dtype=torch.float64)
     for i, name in enumerate(linears):
         if name in done:
-            error, seconds = done[name]
-            info[i] = torch.tensor([error is not None, error or 0.0, seconds], dtype=torch.float64)
+            error, before, seconds = done[name]
+            info[i] = torch.tensor(
+                [error is not None, error or 0.0, before is not None, before or 0.0, seconds], dtype=torch.float64
+            )
     world.all_reduce_sum([info], "sharing the pruning reports")
-    return {name: (float(row[1]) if row[0] else None, float(row[2])) for name, row in zip(linears, info)}
+    return {
+        name: (float(row[1]) if row[0] else None, float(row[3]) if row[2] else None, float(row[4]))
+        for name, row in zip(linears, info)
+    }

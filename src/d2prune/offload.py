@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -592,7 +591,7 @@ class StreamedStore(StreamingLayers):
             "torch_threads": torch.get_num_threads(),
             "ranks": self.world.size,
             "report": {
-                "linears": [asdict(lin) for lin in report.linears],
+                "linears": [lin.to_dict() for lin in report.linears],
                 "zeros": report.zeros,
                 "weights": report.weights,
                 "layer_sparsities": report.layer_sparsities,

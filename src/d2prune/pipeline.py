@@ -23,6 +23,7 @@ from .channels import find_producers, permute_channels
 from .config import LinearReport, PruneConfig, PruneReport
 from .errors import UserError
 from .methods import Gram, LinearPruner
+from .methods.least_squares import refit_on_support
 from .patterns import SparsityTarget, nm_violations
 
 # Keyword arguments a decoder layer may get for a KV cache; layer-wise calibration runs without one.
@@ -326,11 +327,19 @@ class _LastUseGram(Gram):
 
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: Gram) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over the calibration inputs, from the Gram: tr(ΔW S ΔWᵀ)/tr(W S Wᵀ)."""
-    delta = old - new
+    return _relative_errors(old, [new], gram)[0]
+
+
+def _relative_errors(old: torch.Tensor, news: list[torch.Tensor], gram: Gram) -> list[float]:
+    """``_relative_error`` of each of ``news``, with one float32 copy of the Gram."""
     total = gram.sum.float()
-    num = ((delta @ total) * delta).sum()
     den = ((old @ total) * old).sum()
-    return float(num / den) if den > 0 else 0.0
+    out = []
+    for new in news:
+        delta = old - new
+        num = ((delta @ total) * delta).sum()
+        out.append(float(num / den) if den > 0 else 0.0)
+    return out
 
 
 class LayerStore:
@@ -521,7 +530,9 @@ def _prune_layer(
     pruners = {
         name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}") for name, lin in linears.items()
     }
-    gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error}
+    # Linears to refit read the Gram after their method has pruned them.
+    refits = {n for n, p in pruners.items() if config.refit != "none" and p.refit_allowed}
+    gram_names = {n for n, p in pruners.items() if p.needs_gram or config.measure_error or n in refits}
     for pruner in pruners.values():
         pruner.begin(first_window)
 
@@ -539,8 +550,12 @@ def _prune_layer(
 
     t0 = time.perf_counter()
     # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
-    owners = distributed.assign({name: p.work() for name, p in pruners.items()}, world.size)
-    updates = {name: p.updates_weights for name, p in pruners.items()}
+    # A refit costs about iterations × rows·cols² multiply-adds, on top of the method's work.
+    owners = distributed.assign(
+        {name: p.work() + (p.rows * p.cols * p.cols if name in refits else 0) for name, p in pruners.items()},
+        world.size,
+    )
+    updates = {name: p.updates_weights or name in refits for name, p in pruners.items()}
     # Linears whose input channels may be permuted together with their producers' outputs, for
     # pruners that permute (RIA with --ria-permute). All ranks hold every pruner here: same answer.
     producers: dict[str, list[str]] = {}
@@ -554,24 +569,27 @@ def _prune_layer(
         if owners[name] != world.rank:  # another rank's: its statistics are not needed here
             del pruners[name]
             stats.grams.pop(name, None)
-    done: dict[str, tuple[float | None, float]] = {}
+    done: dict[str, tuple[float | None, float | None, float]] = {}
     with world.sync(f"pruning layer {index}"):
         for name, lin in linears.items():
             if name not in pruners:
                 continue
             # Popped, so each Gram (c×c) is freed as soon as the last linear reading it is done.
             pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
-            if gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values()):
+            last_use = gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values())
+            # The last reader gets it as a _LastUseGram: the refit if there is one, else the method.
+            refit_gram = (_LastUseGram(gram) if last_use else gram) if name in refits else None
+            if last_use and name not in refits:
                 gram = _LastUseGram(gram)
-            done[name] = _prune_linear(lin, pruner, target, gram, config.measure_error)
+            done[name] = _prune_linear(lin, pruner, target, gram, config, refit_gram)
             if pruner.input_permutation is not None:
                 perms[name] = pruner.input_permutation.cpu()
-            del pruner, gram
+            del pruner, gram, refit_gram
     done = distributed.share_pruned(world, linears, owners, done)
     if producers:
         _apply_permutations(world, linears, producers, perms)
     for name, lin in linears.items():
-        error, seconds = done[name]
+        error, error_before_refit, seconds = done[name]
         zeros = int((lin.weight.data == 0).sum())
         report.zeros += zeros
         report.weights += lin.weight.numel()
@@ -586,6 +604,7 @@ def _prune_layer(
                 nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
                 weight_update=updates[name],
                 seconds=seconds,
+                relative_error_before_refit=error_before_refit,
             )
         )
     del stats, pruners
@@ -614,16 +633,35 @@ def _apply_permutations(
 
 
 def _prune_linear(
-    lin: nn.Linear, pruner: LinearPruner, target: SparsityTarget, gram: Gram | None, measure_error: bool
-) -> tuple[float | None, float]:
-    """Prune ``lin`` in place; returns its relative reconstruction error (if measured) and the seconds taken."""
+    lin: nn.Linear,
+    pruner: LinearPruner,
+    target: SparsityTarget,
+    gram: Gram | None,
+    config: PruneConfig,
+    refit_gram: Gram | None = None,
+) -> tuple[float | None, float | None, float]:
+    """Prune ``lin`` in place, then refit it on its mask when ``refit_gram`` is given; returns its
+    relative reconstruction error (if measured), the error before the refit (if measured and
+    refitted) and the seconds taken."""
     t0 = time.perf_counter()
-    old = lin.weight.data.float().clone() if measure_error else None
+    measure = config.measure_error
+    old = lin.weight.data.float().clone() if measure or refit_gram is not None else None
     new = pruner.prune(lin.weight.data, target, gram)
+    pruned = None
+    if refit_gram is not None:
+        pruned = new.to(lin.weight.dtype).float() if measure else None  # as stored without the refit
+        # Values exactly representable in the weight's dtype, no kept one rounding to 0 there.
+        new = refit_on_support(
+            old, new, refit_gram.hessian(), config.refit_percdamp, config.refit_iters, config.refit_tol,
+            dtype=lin.weight.dtype, consume_hessian=True,
+        )
     lin.weight.data.copy_(new.to(lin.weight.dtype))
     del new
-    error = _relative_error(old, lin.weight.data.float(), gram) if measure_error else None
-    return error, time.perf_counter() - t0
+    if not measure:
+        return None, None, time.perf_counter() - t0
+    news = [lin.weight.data.float()] if pruned is None else [lin.weight.data.float(), pruned]
+    errors = _relative_errors(old, news, gram if gram is not None else refit_gram)
+    return errors[0], (errors[1] if pruned is not None else None), time.perf_counter() - t0
 
 
 def run_layer(

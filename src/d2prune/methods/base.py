@@ -87,6 +87,11 @@ class LinearPruner:
 
     needs_gram: ClassVar[bool] = False
     updates_weights: ClassVar[bool] = False
+    # Whether the run-level refit (``PruneConfig.refit``) may replace this pruner's weights by the
+    # least-squares optimum on its mask. A method that deliberately leaves some linears' kept
+    # weights as they are (D²Prune's no-update branch) sets it False for those.
+    refit_allowed: bool = True
+
     # Input-channel permutation (RIA's N:M channel permutation, see ``d2prune.channels``). A pruner
     # with ``may_permute_inputs`` gets ``inputs_permutable`` set by the pipeline before ``prune`` when
     # this linear's input columns can be permuted exactly, together with the output rows of the

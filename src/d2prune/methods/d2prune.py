@@ -105,11 +105,16 @@ def d2_terms(w: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, r1: float, r2: 
 
 
 class D2WandaPruner(LinearPruner):
-    """No-update branch: squared Wanda score plus the D² terms, per output row."""
+    """No-update branch: squared Wanda score plus the D² terms, per output row.
 
-    def __init__(self, name: str, weight: torch.Tensor, config: "D2PruneConfig"):
+    Not updating these linears is the method's point, so a run-level refit leaves them alone unless
+    the config's ``refit_target_layers`` says otherwise (any config: read with a default).
+    """
+
+    def __init__(self, name: str, weight: torch.Tensor, config: Any):
         super().__init__(name, weight)
         self.config = config
+        self.refit_allowed = bool(getattr(config, "refit_target_layers", False))
         self.sq_norm = InputNormStats(self.cols, self.device)
         self.norms = NormStats(self.rows, self.cols, config.s, config.stats_mode, False, self.device)
 
@@ -176,6 +181,8 @@ class D2PruneConfig(MethodConfig):
     wanda_x_exponent: float = 1.0
     percdamp: float = 0.01
     blocksize: int = 128
+    # Let a run-level refit (PruneConfig.refit) re-solve the weights of ``target_layers`` too.
+    refit_target_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.stats_mode not in STATS_MODES:
@@ -199,6 +206,12 @@ class D2PruneConfig(MethodConfig):
                 f"target layer {unknown[0]!r} is not a linear of {layer_class}; "
                 f"its linears are: {', '.join(linear_names)}"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if not self.refit_target_layers:  # records of runs without it stay as they were
+            del d["refit_target_layers"]
+        return d
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if name in self.target_layers:
