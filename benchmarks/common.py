@@ -128,14 +128,19 @@ def save_results(path: Path, rows: list[dict]) -> None:
 QUICK_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--calib", "c4", "--seed", "0"]
 
 
+def pruned_model_args(method_args: list[str], sparsity: str, model: str = "smollm2-135m") -> list[str]:
+    """The ``d2prune`` arguments with which ``pruned_model`` prunes and saves a model."""
+    return ["prune", model, *method_args, "--sparsity", sparsity, *QUICK_CALIBRATION, "--eval", "none", "--save-model",
+            "--no-measure-error"]
+
+
 def pruned_model(name: str, method_args: list[str], sparsity: str, model: str = "smollm2-135m") -> tuple[Path, str]:
     """A model pruned with the quick protocol and saved under ``runs/pruned/NAME``; pruned only once.
 
     Shared by the benchmarks that need a saved pruned model (zero-shot, attention), so each
     (method, sparsity) is pruned once. Returns the model folder and the prune command.
     """
-    args = ["prune", model, *method_args, "--sparsity", sparsity, *QUICK_CALIBRATION, "--eval", "none", "--save-model",
-            "--no-measure-error"]
+    args = pruned_model_args(method_args, sparsity, model)
     out = ROOT / "runs" / "pruned" / name
     stamp = out / "benchmark_command.txt"  # written last: a model folder without it is incomplete
     if stamp.exists() and stamp.read_text() == shown(args):

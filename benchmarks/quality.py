@@ -8,6 +8,7 @@ so its wall time and peak RSS are its own. Results accumulate in
 
     .venv/bin/python benchmarks/quality.py                       # baseline suite
     .venv/bin/python benchmarks/quality.py --suite extended      # Pruner-Zero, OWL, D²Prune auto
+    .venv/bin/python benchmarks/quality.py --suite exact         # ALPS, D²-ALPS, RIA, DSnoT, --refit cg
     .venv/bin/python benchmarks/quality.py --methods wanda --settings 0.5 2:4
 """
 
@@ -35,12 +36,25 @@ METHODS = {
     "owl-sparsegpt": ["--method", "sparsegpt", "--sparsity-profile", "owl"],
     "owl-d2prune": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--sparsity-profile", "owl"],
     "d2prune-auto": ["--method", "d2prune", "--target-layers", "auto"],
+    # Exact-reconstruction methods and the newer mask methods (issue #13).
+    "alps": ["--method", "alps"],
+    "d2alps-none": ["--method", "d2alps", "--target-layers", "none"],
+    "d2alps-auto": ["--method", "d2alps", "--target-layers", "auto"],
+    # ALPS plus D²Prune's held-out choice of one un-updated projection ("none" = plain ALPS).
+    "alps-auto": ["--method", "d2alps", "--no-d2-sparsegpt", "--target-layers", "auto"],
+    "ria": ["--method", "ria"],
+    "ria-permute": ["--method", "ria", "--ria-permute"],
+    "dsnot": ["--method", "dsnot"],
+    "sparsegpt-refit": ["--method", "sparsegpt", "--refit", "cg"],
+    "wanda-refit": ["--method", "wanda", "--refit", "cg"],
 }
 # Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
 SUITES = {
     "base": (["magnitude", "wanda", "sparsegpt", "d2prune"], ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]),
     "extended": (["pruner-zero", "owl-wanda", "owl-sparsegpt", "owl-d2prune", "d2prune-auto"],
                  ["0.5", "0.6", "0.7", "0.8", "2:4"]),
+    "exact": (["alps", "ria", "dsnot", "sparsegpt-refit", "wanda-refit", "d2alps-none", "alps-auto", "d2alps-auto"],
+              ["0.5", "0.6", "0.7", "0.8", "2:4"]),
 }
 
 

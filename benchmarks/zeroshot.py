@@ -1,6 +1,6 @@
 """Zero-shot benchmark: lm-eval accuracy of SmolLM2-135M, dense and pruned, on the offline task data.
 
-Dense, and SparseGPT, Wanda and D²Prune (v_proj un-updated) at 50% and 70% (quick protocol: 32×512
+Dense, and SparseGPT, Wanda, D²Prune (v_proj un-updated) and ALPS at 50% and 70% (quick protocol: 32×512
 C4 calibration windows, seed 0; the pruned models are saved under ``runs/pruned/`` and shared with
 ``benchmarks/attention.py``). Each model is scored by ``d2prune eval MODEL --zero-shot`` on the
 paper's seven tasks plus PIQA (lm-eval 0.4.x, 0-shot, acc_norm where the task has it, else acc).
@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from common import (BENCH_README, RESULTS_DIR, ROOT, load_results, pruned_model, run_d2prune, save_results, shown,
-                    replace_block)
+from common import (BENCH_README, RESULTS_DIR, ROOT, load_results, pruned_model, pruned_model_args, run_d2prune,
+                    save_results, shown, replace_block)
 
 RESULTS = RESULTS_DIR / "zeroshot_smollm2.json"
 MARK_BEGIN, MARK_END = "<!-- zeroshot-table:begin -->", "<!-- zeroshot-table:end -->"
@@ -27,6 +27,7 @@ METHODS = {
     "sparsegpt": ["--method", "sparsegpt"],
     "wanda": ["--method", "wanda"],
     "d2prune": ["--method", "d2prune", "--target-layers", "self_attn.v_proj"],
+    "alps": ["--method", "alps"],
 }
 SPARSITIES = ["0.5", "0.7"]
 TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
@@ -67,13 +68,17 @@ def main() -> None:
     jobs += [(f"{m}-{p}", (m, p), None) for p in SPARSITIES for m in METHODS]
     for name, pruned, model in jobs:
         prune_cmd = None
-        if pruned:
-            model_dir, prune_cmd = pruned_model(name, METHODS[pruned[0]], pruned[1])
-            model = str(model_dir.relative_to(ROOT))
+        if pruned:  # skipped before pruning when measured: the saved models are not kept in the repository
+            prune_cmd = shown(pruned_model_args(METHODS[pruned[0]], pruned[1]))
+            model = str((ROOT / "runs" / "pruned" / name / "model").relative_to(ROOT))
         cmd = ["eval", model, *zs]
         if any(r["name"] == name and r["command"] == shown(cmd) and r.get("prune_command") == prune_cmd for r in rows):
             print(f"skip {name} (already measured)")
             continue
+        if pruned:
+            model_dir, prune_cmd = pruned_model(name, METHODS[pruned[0]], pruned[1])
+            model = str(model_dir.relative_to(ROOT))
+            cmd = ["eval", model, *zs]
         res = run_d2prune(name, cmd, ROOT / "runs" / "zeroshot" / name)
         row = {"name": name, "command": res["command"], "prune_command": prune_cmd, "wall_s": res["wall_s"],
                "peak_rss_mb": res["peak_rss_mb"], "zero_shot": res["record"]["zero_shot"]}

@@ -1,6 +1,9 @@
 """ALPS and D²-ALPS against brute force: optimal weights on the support, exact budgets, and lower
 reconstruction error than SparseGPT on the same Gram."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -181,9 +184,6 @@ def test_auto_rho_restart_and_support_trace_are_recorded():
 # CLI
 # --------------------------------------------------------------------------------------------------
 
-from pathlib import Path  # noqa: E402
-import json  # noqa: E402
-
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 TINY = SHARED / "models" / "aidreams260K"
 DATA = SHARED / "data"
@@ -238,3 +238,20 @@ def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, caps
     assert main(["prune", str(TINY), *args, *QUICK, "--eval", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("d2prune: error:") and needle in err and "\n" not in err
+
+
+def test_alps_follows_owl_and_explicit_layer_sparsities():
+    ids = make_calibration_ids()
+    model = build_tiny_model("llama-gqa")
+    report = d2prune.prune(model, ids, d2prune.PruneConfig(method="alps", layer_sparsities=[0.4, 0.7], progress=False))
+    linears = dict(model.named_modules())
+    for lin in report.linears:
+        weight = linears[lin.name].weight
+        assert int((weight == 0).sum()) == int([0.4, 0.7][lin.layer] * weight.numel())
+    model = build_tiny_model("llama-gqa")
+    report = d2prune.prune(model, ids, d2prune.PruneConfig(method="alps", sparsity=0.6, sparsity_profile="owl",
+                                                           owl_lambda=0.1, owl_m=3.0, progress=False))
+    assert len(set(report.layer_sparsities)) == 2 and sum(report.layer_sparsities) / 2 == pytest.approx(0.6)
+    for lin in report.linears:
+        weight = dict(model.named_modules())[lin.name].weight
+        assert int((weight == 0).sum()) == int(report.layer_sparsities[lin.layer] * weight.numel())
