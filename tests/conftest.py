@@ -20,6 +20,11 @@ HEADS = 4
 MAX_POSITIONS = 64
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The tiny trained LLaMA and the data folder of ../shared, for CLI runs on real files.
+TINY = SHARED / "models" / "aidreams260K"
+DATA = SHARED / "data"
+QUICK_CLI = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4", "--no-progress", "--data-dir", str(DATA)]
+needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
 
 # The test tensors are tiny: one intra-op thread is as fast as two, and it keeps OpenMP workers from
 # spin-waiting (tens of times slower) when the 2-core machine is busy with something else.
@@ -140,3 +145,10 @@ def calibration_ids():
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture
+def cli_cache(tmp_path, monkeypatch):
+    """A private token cache for CLI runs (``D2PRUNE_CACHE``)."""
+    monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

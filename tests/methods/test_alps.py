@@ -2,7 +2,6 @@
 reconstruction error than SparseGPT on the same Gram."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from d2prune.methods.d2prune import D2WandaPruner
 from d2prune.methods.least_squares import damp_hessian, reconstruction_error
 from d2prune.methods.sparsegpt import sparsegpt_solve
 from d2prune.patterns import Pattern, SparsityTarget, nm_violations
-from tests.conftest import build_tiny_model, make_calibration_ids
+from tests.conftest import QUICK_CLI as QUICK
+from tests.conftest import TINY, build_tiny_model, make_calibration_ids, needs_assets
 
 
 def _problem(rows=16, cols=32, tokens=256, seed=0):
@@ -184,21 +184,10 @@ def test_auto_rho_restart_and_support_trace_are_recorded():
 # CLI
 # --------------------------------------------------------------------------------------------------
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-TINY = SHARED / "models" / "aidreams260K"
-DATA = SHARED / "data"
-QUICK = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4", "--no-progress", "--data-dir", str(DATA)]
-needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @needs_assets
-def test_cli_alps_with_its_options(tmp_path, cache):
+def test_cli_alps_with_its_options(tmp_path, cli_cache):
     from d2prune.cli import main
 
     out = tmp_path / "alps"
@@ -212,7 +201,7 @@ def test_cli_alps_with_its_options(tmp_path, cache):
 
 
 @needs_assets
-def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, cache):
+def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, cli_cache):
     from d2prune.cli import main
 
     out = tmp_path / "d2alps"
@@ -232,7 +221,7 @@ def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, c
     (["--method", "d2alps", "--alps-iters", "0"], "admm_iters"),
     (["--method", "alps", "--target-layers", "auto"], "--target-layers auto"),
 ])
-def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cache):
+def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cli_cache):
     from d2prune.cli import main
 
     assert main(["prune", str(TINY), *args, *QUICK, "--eval", "none"]) == 2

@@ -1,7 +1,6 @@
-"""DSnoT: mask refinement on top of a base method (spec §5.3), checked against a plain per-row loop."""
+"""DSnoT: mask refinement on top of a base method (docs/methods.md), checked against a plain per-row loop."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +11,8 @@ from d2prune.methods import DSnoTConfig, Gram, MagnitudeConfig, SparseGPTConfig,
 from d2prune.methods.dsnot import DSnoTPruner, MeanVarStats, dsnot_refine, expected_row_error
 from d2prune.patterns import Pattern, SparsityTarget, row_mask
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-TINY = SHARED / "models" / "aidreams260K"
-DATA = SHARED / "data"
-needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
-QUICK = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4", "--no-progress", "--data-dir", str(DATA)]
+from tests.conftest import QUICK_CLI as QUICK
+from tests.conftest import TINY, needs_assets
 
 HALF = SparsityTarget(0.5)
 TWO_FOUR = SparsityTarget(0.5, Pattern(2, 4))
@@ -280,14 +276,8 @@ def test_pipeline_refines_attention_linears_and_leaves_mlp_ones_to_the_base():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @needs_assets
-def test_cli_dsnot_over_sparsegpt_2_4(tmp_path, cache):
+def test_cli_dsnot_over_sparsegpt_2_4(tmp_path, cli_cache):
     from d2prune.cli import main
 
     out = tmp_path / "dsnot"
@@ -311,7 +301,7 @@ def test_cli_dsnot_over_sparsegpt_2_4(tmp_path, cache):
     (["--dsnot-cycles", "-2"], "max_cycles"),
     (["--dsnot-skip", "z_proj"], "z_proj"),
 ])
-def test_cli_dsnot_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cache):
+def test_cli_dsnot_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cli_cache):
     from d2prune.cli import main
 
     assert main(["prune", str(TINY), "--method", "dsnot", *args, *QUICK, "--eval", "none"]) == 2

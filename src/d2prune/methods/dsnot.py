@@ -1,4 +1,4 @@
-"""DSnoT (Zhang et al., ICLR 2024): training-free prune-and-regrow refinement of a base mask (spec §5.3).
+"""DSnoT (Zhang et al., ICLR 2024): training-free prune-and-regrow refinement of a base mask (docs/methods.md).
 
 Any registered method (``base``, default Wanda) prunes the linear first; DSnoT then swaps pruned and
 kept weights, one pair per row and cycle, to drive each row's expected output error towards 0:

@@ -1,4 +1,4 @@
-"""RIA (Zhang et al., ICLR 2024, "Plug-and-Play"): relative importance times activations (spec §5.2).
+"""RIA (Zhang et al., ICLR 2024, "Plug-and-Play"): relative importance times activations (docs/methods.md).
 
 Score ``S_ij = (|W_ij| / Σ_i' |W_i'j| + |W_ij| / Σ_j' |W_ij'|) · ‖X_j‖₂^a``: each weight's share of its
 input column plus its share of its output row, times the input-channel norm (Wanda's statistic) to
