@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import d2prune
-from conftest import build_tiny_model, make_calibration_ids
+from conftest import DATA, TINY, build_tiny_model, make_calibration_ids, needs_assets
 from d2prune.architecture import find_decoder_stack, find_linears
 from d2prune.channels import find_producers, permute_channels
 from d2prune.errors import UserError
@@ -24,11 +24,6 @@ from d2prune.methods.ria import (
 )
 from d2prune.patterns import SparsityTarget, Pattern, nm_violations
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared"
-TINY = SHARED / "models" / "aidreams260K"
-DATA = SHARED / "data"
-needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
 
 
 def _pruner(weight: torch.Tensor, x: torch.Tensor, **options) -> RIAPruner:
