@@ -21,7 +21,6 @@ See docs/methods.md (ALPS) for the derivation in our words and where we differ f
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,9 +29,7 @@ import torch
 from ..errors import UserError
 from ..patterns import SparsityTarget
 from .base import Gram, LinearPruner, MethodConfig, register
-from .least_squares import masked_pcg
-
-log = logging.getLogger(__name__)
+from .least_squares import damp_hessian, masked_pcg, nonzero_in
 
 # score(Z̃, norm) -> selection score of every entry of Z̃ (normalised space; larger is kept).
 SupportScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,11 +64,9 @@ def normalized_gram(gram: Gram, percdamp: float) -> NormalizedGram:
     if cache is not None and key in cache:
         return cache[key]
     h = gram.hessian()
-    diag = h.diagonal()
-    dead = diag == 0
-    diag[dead] = 1
-    diag.add_(percdamp * diag.mean())
-    norm = diag.sqrt()
+    dead = h.diagonal() == 0
+    damp_hessian(h, percdamp, inplace=True)
+    norm = h.diagonal().sqrt()
     h.div_(norm.unsqueeze(0)).div_(norm.unsqueeze(1))
     # float64 eigendecomposition (as the authors do): float32 loses the small eigenvalues that
     # matter most once ρ is small.
@@ -126,9 +121,9 @@ def alps_solve(
     w_n = w * norm.unsqueeze(0)  # W̃
     wg = w_n @ g  # W̃G̃: the dense layer's outputs against the inputs
     rows, cols = w.shape
-    budget = rows * cols - target.prune_count(rows * cols) if not target.pattern.is_nm else None
-    keep_total = budget if budget is not None else rows * cols * (target.pattern.m - target.pattern.n) // target.pattern.m
-    keep_total = max(keep_total, 1)
+    pattern = target.pattern
+    kept = rows * cols * (pattern.m - pattern.n) // pattern.m if pattern.is_nm else rows * cols - target.prune_count(rows * cols)
+    keep_total = max(kept, 1)  # support changes are counted relative to it
 
     b = w_n.clone()
     keep = project(b, score(b, norm), target)
@@ -176,8 +171,8 @@ def alps_solve(
     out = masked_pcg(w_n, g, keep, start=b * keep, max_iters=cg_iters, tol=0.0).weight
     if trace is not None:
         trace.append(ADMMTrace(it, rho, changes))
-    out = out / norm.unsqueeze(0)
-    return torch.where(keep & (out == 0), torch.full_like(out, torch.finfo(out.dtype).tiny), out)
+    # Stored in the weight's dtype, no kept weight may round to 0 (the mask must survive).
+    return nonzero_in(out / norm.unsqueeze(0), keep, weight.dtype)
 
 
 class ALPSPruner(LinearPruner):

@@ -97,7 +97,7 @@ def reconstruction_error(target: torch.Tensor, weight: torch.Tensor, hessian: to
     return float(row_errors(target, weight, hessian).sum()) / den if den > 0 else 0.0
 
 
-def _nonzero_in(values: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def nonzero_in(values: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``values`` rounded to ``dtype`` (as float32), with kept entries that are 0 or subnormal there
     set to the smallest normal number of ``dtype`` (same sign), so storing them in ``dtype`` keeps
     the zero pattern (some kernels flush subnormals to zero). In float32 and bfloat16 that number is
@@ -138,7 +138,7 @@ def refit_on_support(
     added = h.diagonal() - undamped_diag
     del undamped_diag
     refit = masked_pcg(dense, h, keep, start=pruned, max_iters=max_iters, tol=tol).weight
-    refit = _nonzero_in(refit, keep, dtype)
+    refit = nonzero_in(refit, keep, dtype)
     before = pruned.to(dtype).float()  # what would be stored without the refit
 
     def undamped(weight: torch.Tensor) -> torch.Tensor:
