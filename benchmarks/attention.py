@@ -32,7 +32,7 @@ def main() -> None:
         write_table(load_results(RESULTS))
         return
     start_launcher()  # before torch is imported (peak RSS, see common.py)
-    from d2prune.attention import plot_attention_diagnostics
+    from d2prune.evaluation.attention import plot_attention_diagnostics
 
     records = []
     for p in SPARSITIES:

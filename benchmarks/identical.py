@@ -49,7 +49,7 @@ METHODS = {
 # Only on the tiny model: the remaining paths through the engine.
 TINY_EXTRA = {
     "sparsegpt-2:4": ["--method", "sparsegpt", "--pattern", "2:4"],
-    "d2prune-4:8": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--pattern", "4:8"],
+    "d2prune-2:4": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--pattern", "2:4"],
     "wanda-3:4": ["--method", "wanda", "--pattern", "3:4"],
     "alps-2:4": ["--method", "alps", "--pattern", "2:4", "--alps-iters", "60"],
     "d2prune-auto": ["--method", "d2prune", "--target-layers", "auto", "--heldout-windows", "4"],
@@ -137,9 +137,14 @@ def main() -> None:
         cases += [(f"smollm2/{n}", "smollm2-135m", [*QUICK, *args]) for n, args in METHODS.items()]
     if a.only:
         cases = [c for c in cases if c[0] in a.only]
+    # Cases already in --out with the same arguments are kept (an interrupted run continues).
+    done = json.loads(a.out.read_text()) if a.out.exists() else {}
     results = {}
     with tempfile.TemporaryDirectory(prefix="d2prune-identical-") as tmp:
         for name, model, args in cases:
+            if name in done and done[name]["args"] == args:
+                results[name] = done[name]
+                continue
             results[name] = run_case(name, model, args, Path(tmp))
             a.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if a.compare:

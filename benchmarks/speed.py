@@ -59,7 +59,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
 
     import d2prune
-    from d2prune.models import load_model, save_pruned
+    from d2prune.io.models import load_model, save_pruned
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype="float32")
@@ -91,7 +91,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
 def _keep_layers(model, n: int) -> None:
     """Cut the decoder stack to its first ``n`` layers (the profile looks at one layer's work)."""
-    from d2prune.architecture import find_decoder_stack
+    from d2prune.engine.architecture import find_decoder_stack
 
     stack = find_decoder_stack(model)
     del stack.layers[n:]
@@ -179,8 +179,8 @@ def decoder_sparsity(folder: Path) -> float:
 
 def perplexity(folder: Path, args: argparse.Namespace, loaded: tuple | None = None) -> float:
     from d2prune.data import get_eval_tokens
-    from d2prune.evaluate import evaluate_ppl
-    from d2prune.models import load_model
+    from d2prune.evaluation.perplexity import evaluate_ppl
+    from d2prune.io.models import load_model
 
     model, tokenizer = loaded or load_model(str(folder), dtype="float32")
     tokens = get_eval_tokens(tokenizer, "wikitext2", data_dir=args.data_dir)
@@ -189,7 +189,7 @@ def perplexity(folder: Path, args: argparse.Namespace, loaded: tuple | None = No
 
 def resolve_model(name: str) -> Path:
     """A local HF folder both engines can load; the SmolLM2 alias becomes d2prune's cached copy."""
-    from d2prune.models import DEFAULT_MODEL, _gguf_cache_dir, _smollm2_gguf, load_model
+    from d2prune.io.models import DEFAULT_MODEL, _gguf_cache_dir, _smollm2_gguf, load_model
 
     if name.lower() == DEFAULT_MODEL and not Path(name).exists():
         folder = _gguf_cache_dir(_smollm2_gguf(), DEFAULT_MODEL)
@@ -242,7 +242,7 @@ def benchmark(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from d2prune.data import get_calibration
-    from d2prune.models import load_model
+    from d2prune.io.models import load_model
 
     llmc = Path(args.llmc_python)
     if not llmc.exists():

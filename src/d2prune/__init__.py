@@ -4,9 +4,11 @@
     report = d2prune.prune(model, calibration_ids, d2prune.PruneConfig(method="d2prune", sparsity=0.5))
 """
 
-from .config import LinearReport, PruneConfig, PruneReport
-from .errors import UserError
-from .methods import (
+from d2prune.config import PruneConfig
+
+from d2prune.report import LinearReport, PruneReport
+from d2prune.errors import UserError
+from d2prune.methods import (
     METHODS,
     ALPSConfig,
     D2ALPSConfig,
@@ -19,8 +21,8 @@ from .methods import (
     SparseGPTConfig,
     WandaConfig,
 )
-from .patterns import Pattern, SparsityTarget
-from .pipeline import prune
+from d2prune.patterns import Pattern, SparsityTarget
+from d2prune.engine.walk import prune
 
 __version__ = "0.1.0"
 

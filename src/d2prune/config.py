@@ -1,14 +1,14 @@
-"""The run-level pruning config and the report the pipeline returns; both serialize to JSON."""
+"""The run-level pruning config: what to prune and how; serializes to JSON."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .activations import check_mode
-from .errors import UserError
-from .methods import MethodConfig, method_config
-from .patterns import Pattern, SparsityTarget
+from d2prune.engine.activations import check_mode
+from d2prune.errors import UserError
+from d2prune.methods import MethodConfig, method_config
+from d2prune.patterns import Pattern, SparsityTarget
 
 REFITS = ("cg", "none")
 
@@ -103,77 +103,4 @@ class PruneConfig:
             # Only when on, so the records of runs without a refit stay as they were.
             **({"refit": self.refit, "refit_iters": self.refit_iters, "refit_tol": self.refit_tol,
                 "refit_percdamp": self.refit_percdamp} if self.refit != "none" else {}),
-        }
-
-
-@dataclass
-class LinearReport:
-    """One pruned linear: its full module path, achieved vs target sparsity and error."""
-
-    name: str
-    layer: int
-    target_sparsity: float
-    sparsity: float
-    relative_error: float | None
-    nm_violations: int | None
-    weight_update: bool
-    seconds: float
-    # With a refit: the error of the method's own weights, before the exact least squares on its
-    # mask (``relative_error`` is then the error after it). None without one, and not serialized.
-    relative_error_before_refit: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["relative_error_before_refit"] is None:
-            del d["relative_error_before_refit"]
-        return d
-
-
-@dataclass
-class PruneReport:
-    config: dict[str, Any]
-    linears: list[LinearReport] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    nsamples: int = 0
-    seqlen: int = 0
-    zeros: int = 0
-    weights: int = 0
-    layer_sparsities: list[float] = field(default_factory=list)
-    outlier_ratios: list[float] | None = None
-    activations: dict[str, Any] | None = None
-    resumed_at_layer: int | None = None
-
-    @property
-    def overall_sparsity(self) -> float:
-        """Fraction of zeros over all pruned linears, weighted by size."""
-        return self.zeros / max(self.weights, 1)
-
-    @property
-    def nm_ok(self) -> bool | None:
-        checks = [lin.nm_violations for lin in self.linears if lin.nm_violations is not None]
-        return None if not checks else all(v == 0 for v in checks)
-
-    def sparsity_record(self) -> dict[str, Any]:
-        """What ``sparsity.json`` next to a saved pruned model holds."""
-        return {
-            "method": self.config["method"]["name"],
-            "config": self.config,
-            "pattern": self.config["pattern"],
-            "overall_sparsity": self.overall_sparsity,
-            "linears": {lin.name: lin.sparsity for lin in self.linears},
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "nsamples": self.nsamples,
-            "seqlen": self.seqlen,
-            "overall_sparsity": self.overall_sparsity,
-            "layer_sparsities": self.layer_sparsities,
-            "outlier_ratios": self.outlier_ratios,
-            "nm_structure_ok": self.nm_ok,
-            "timings": self.timings,
-            "activations": self.activations,
-            "resumed_at_layer": self.resumed_at_layer,
-            "linears": [lin.to_dict() for lin in self.linears],
         }

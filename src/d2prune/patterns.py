@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from d2prune.errors import UserError
 
 
 @dataclass(frozen=True)

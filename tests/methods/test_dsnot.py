@@ -253,7 +253,7 @@ def test_config_errors_and_record():
 def test_pipeline_refines_attention_linears_and_leaves_mlp_ones_to_the_base():
     from conftest import build_tiny_model, make_calibration_ids
 
-    from d2prune.architecture import find_decoder_stack, find_linears
+    from d2prune.engine.architecture import find_decoder_stack, find_linears
 
     ids = make_calibration_ids(windows=6, tokens=16)
     weights = {}

@@ -11,9 +11,9 @@ import torch
 
 import d2prune
 from conftest import build_tiny_model, make_calibration_ids
-from d2prune.architecture import find_decoder_stack, find_linears
+from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
-from d2prune.gradients import gradient_norms
+from d2prune.methods.gradients import gradient_norms
 from d2prune.methods import METHODS, PrunerZeroConfig
 from d2prune.methods.pruner_zero import min_max_scale
 from d2prune.patterns import Pattern, SparsityTarget
@@ -134,7 +134,7 @@ def test_gradient_cache_is_reused_only_for_the_same_calibration(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("gradients recomputed")
 
-    monkeypatch.setattr("d2prune.gradients.gradient_norms", refuse)
+    monkeypatch.setattr("d2prune.methods.gradients.gradient_norms", refuse)
     second = copy.deepcopy(dense)
     report = d2prune.prune(second, ids, _config(PrunerZeroConfig(gradient_cache=cache)))
     assert report.config["method"]["gradients"] == "cache"

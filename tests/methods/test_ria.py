@@ -11,8 +11,8 @@ import torch
 
 import d2prune
 from conftest import DATA, TINY, build_tiny_model, make_calibration_ids, needs_assets
-from d2prune.architecture import find_decoder_stack, find_linears
-from d2prune.channels import find_producers, permute_channels
+from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.channels import find_producers, permute_channels
 from d2prune.errors import UserError
 from d2prune.methods.ria import (
     RIAConfig,
@@ -205,7 +205,7 @@ EXPECTED_PRODUCERS = {
 
 def _layer_run(model, layer_index=0, windows=2):
     """(layer, linears, call order, layer input, args) of one decoder layer on calibration windows."""
-    from d2prune.pipeline import capture_inputs_and_arguments, calibration_batches
+    from d2prune.engine.walk import capture_inputs_and_arguments, calibration_batches
 
     stack = find_decoder_stack(model)
     batches = calibration_batches(make_calibration_ids(windows, 8), windows)
@@ -350,8 +350,8 @@ def test_streamed_permuted_prune_is_identical_to_in_memory(tmp_path):
     """--offload disk: the permuted producer rows, biases and consumer columns are what gets written."""
     from safetensors.torch import load_file
 
-    from d2prune.models import save_pruned
-    from d2prune.offload import prune_checkpoint
+    from d2prune.io.models import save_pruned
+    from d2prune.streaming.offload import prune_checkpoint
 
     model = build_tiny_model("opt")
     with torch.no_grad():  # non-zero biases, so an unpermuted or unsaved bias would show

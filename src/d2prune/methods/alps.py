@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget
-from .base import Gram, LinearPruner, MethodConfig, register
-from .least_squares import damp_hessian, masked_pcg, nonzero_in
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.methods.least_squares import damp_hessian, masked_pcg, nonzero_in
 
 # score(Z̃, norm) -> selection score of every entry of Z̃ (normalised space; larger is kept).
 SupportScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

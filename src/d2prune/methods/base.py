@@ -11,14 +11,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget
 
 
 class Statistic:
     """Calibration statistics accumulated over samples, which data-parallel ranks can sum.
 
-    On one process only ``add``-style accumulation runs. With several ranks (``d2prune.distributed``)
+    On one process only ``add``-style accumulation runs. With several ranks (``d2prune.engine.distributed``)
     each rank observes a share of the calibration windows; the pipeline then sums every tensor of
     ``statistics()`` over the ranks, in place, and hands the sums back to ``load_statistics``.
     """
@@ -92,7 +92,7 @@ class LinearPruner:
     # weights as they are (D²Prune's no-update branch) sets it False for those.
     refit_allowed: bool = True
 
-    # Input-channel permutation (RIA's N:M channel permutation, see ``d2prune.channels``). A pruner
+    # Input-channel permutation (RIA's N:M channel permutation, see ``d2prune.engine.channels``). A pruner
     # with ``may_permute_inputs`` gets ``inputs_permutable`` set by the pipeline before ``prune`` when
     # this linear's input columns can be permuted exactly, together with the output rows of the
     # linears producing its input. ``prune`` may then set ``input_permutation`` (a LongTensor: stored

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
-from .alps import ALPSPruner, SupportScore, magnitude_score
-from .base import LinearPruner, register
-from .d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_terms
+from d2prune.errors import UserError
+from d2prune.methods.alps import ALPSPruner, SupportScore, magnitude_score
+from d2prune.methods.base import LinearPruner, register
+from d2prune.methods.d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_terms
 
 
 class D2ALPSPruner(ALPSPruner):

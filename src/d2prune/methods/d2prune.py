@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget, row_mask
-from .base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, register
-from .sparsegpt import obs_score, sparsegpt_solve
-from .wanda import InputNormStats
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget, row_mask
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, register
+from d2prune.methods.sparsegpt import obs_score, sparsegpt_solve
+from d2prune.methods.wanda import InputNormStats
 
 STATS_MODES = ("mean", "reference")
 

@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget
-from .base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, method_config, register
-from .wanda import InputNormStats
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, method_config, register
+from d2prune.methods.wanda import InputNormStats
 
 # Linears left as the base pruned them, by default the MLP ones (the reference's skip_layer=mlp):
 # "mlp" names the MLP block of LLaMA-like, GPT-NeoX and Phi-3 layers, fc1/fc2 OPT's MLP linears.

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns import SparsityTarget, row_mask
-from .base import Gram, LinearPruner, MethodConfig, register
+from d2prune.patterns import SparsityTarget, row_mask
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
 
 
 class MagnitudePruner(LinearPruner):

@@ -2,7 +2,7 @@
 no weight update (spec §4).
 
 G = sqrt(Σ_k (100·∂L_k/∂W)²) over the calibration windows is computed once, on the dense model,
-before the layer-wise pass (``d2prune.gradients``; the pipeline runs it because
+before the layer-wise pass (``d2prune.methods.gradients``; the pipeline runs it because
 ``needs_gradients`` is set), so pruning earlier layers does not change the metric of later ones.
 ``mms`` is min-max scaling over the whole weight matrix. The input statistic X is a terminal of the
 search but not of the best tree, so the pruner observes nothing.
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget, row_mask
-from .base import Gram, LinearPruner, MethodConfig, register
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget, row_mask
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
 
 
 def min_max_scale(g: torch.Tensor) -> torch.Tensor:

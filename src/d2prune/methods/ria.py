@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget, lowest_k_mask, nm_mask, row_mask
-from .base import Gram, LinearPruner, MethodConfig, register
-from .wanda import InputNormStats
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask, row_mask
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.methods.wanda import InputNormStats
 
 GROUPS = ("linear", "row")
 # Groups per linear-sum-assignment problem: the score matrix costs blocks·B²·rows·M, so large linears

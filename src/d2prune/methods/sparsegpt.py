@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
-from ..patterns import SparsityTarget, lowest_k_mask, nm_mask
-from .base import Gram, LinearPruner, MethodConfig, register
+from d2prune.errors import UserError
+from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
 
 log = logging.getLogger(__name__)
 

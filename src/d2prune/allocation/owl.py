@@ -1,0 +1,89 @@
+"""OWL: outlier-weighted layer-wise sparsity (Yin et al., ICML 2024; spec §5.1).
+
+A dense layer-by-layer pass computes, per decoder layer, the share of Wanda scores |W|·‖X_j‖ that
+exceed ``m`` times their mean (the outlier ratio D_l, in percent). Layers with more outliers get a
+lower sparsity: after min–max normalisation of D to [0, 2λ], sparsity_l = p − (D̂_l − mean D̂).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from d2prune.engine import distributed
+from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.methods.wanda import InputNormStats
+
+
+@torch.no_grad()
+def outlier_ratios(
+    model, batches: list[dict], m: float, device: torch.device, progress: bool = True, store=None
+) -> list[float]:
+    """Per decoder layer: 100 × fraction of the layer's Wanda scores above ``m`` × their mean.
+
+    Each layer sees the dense outputs of the layers before it (nothing is pruned here). ``store``
+    (a ``pipeline.LayerStore``) says where the layers live; default: in ``model``. Under
+    ``torchrun`` each rank runs its share of the batches and the norms are summed over ranks.
+    """
+    from d2prune.engine.activations import Activations
+    from d2prune.engine.walk import LayerStore, capture_inputs_and_arguments, run_layer
+
+    world = distributed.current()
+    store = store or LayerStore()
+    stack = find_decoder_stack(model)
+    local, _ = world.shard(batches)  # [distributed]
+    # Always in memory: this dense pass is not resumable, and its buffers are freed at the end.
+    acts = Activations("ram", device)
+    with world.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
+        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
+    sizes = [b["input_ids"].shape[0] for b in local]
+    ratios = []
+    for index, (layer, extras) in enumerate(tqdm(
+        zip(stack.layers, layer_extras), total=len(layer_extras), desc="OWL outlier ratios", disable=not progress
+    )):
+        linears = find_linears(layer)
+        stats = {name: InputNormStats(lin.in_features, device) for name, lin in linears.items()}
+        handles = [
+            lin.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
+            for name, lin in linears.items()
+        ]
+        try:
+            with world.sync(f"the OWL statistics pass of layer {index}"):
+                store.fetch(index, layer, device)
+                run_layer(layer, acts.inps, extras, sizes, acts.outs)
+        finally:
+            for h in handles:
+                h.remove()
+        distributed.reduce_statistics(world, stats.values(), "OWL input norms")  # [distributed]
+        scores = torch.cat(
+            [(lin.weight.float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
+        )
+        ratios.append(float((scores > m * scores.mean()).float().mean()) * 100)
+        store.release(index, layer, save=False)
+        acts.swap()
+    acts.close()
+    return ratios
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """Map outlier ratios to per-layer sparsities with mean ``sparsity`` inside [p − λ, p + λ].
+
+    OWL's own mapping spans 2λ around the mean but can leave the band when the ratios are skewed
+    (e.g. one outlier layer); we then shift-and-clip: find t with mean(clip(s + t)) = p by bisection,
+    which keeps OWL's ordering and its gaps between the layers that are not clipped.
+    """
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    scaled = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+    raw = sparsity - (scaled - scaled.mean())
+    lo, hi = max(sparsity - lam, 0.0), min(sparsity + lam, 1.0 - 1e-6)
+    if raw.min() >= lo and raw.max() <= hi:
+        return raw.tolist()
+    a, b = lo - float(raw.max()), hi - float(raw.min())  # clip(raw + a) = lo, clip(raw + b) = hi
+    for _ in range(200):
+        t = (a + b) / 2
+        if float((raw + t).clamp(lo, hi).mean()) < sparsity:
+            a = t
+        else:
+            b = t
+    return (raw + (a + b) / 2).clamp(lo, hi).tolist()

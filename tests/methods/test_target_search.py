@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+import d2prune
+import d2prune.data
+from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.errors import UserError
+from d2prune.methods.target_search import choose_target_layers, target_candidates
+
+from conftest import SHARED, build_tiny_model, make_calibration_ids
+
+
+def test_candidates_are_each_qkv_projection_then_none():
+    assert target_candidates(build_tiny_model("llama-gqa")) == [
+        ["self_attn.q_proj"], ["self_attn.k_proj"], ["self_attn.v_proj"], []
+    ]
+    assert target_candidates(build_tiny_model("phi3")) == [["self_attn.qkv_proj"], []]
+    assert target_candidates(build_tiny_model("gpt-neox")) == [["attention.query_key_value"], []]
+
+
+def _weights(model):
+    stack = find_decoder_stack(model)
+    return {f"{i}.{n}": lin.weight.detach().clone() for i, l in enumerate(stack.layers) for n, lin in find_linears(l).items()}
+
+
+def test_search_keeps_the_lowest_heldout_ppl_and_leaves_that_model():
+    ids = make_calibration_ids(windows=4, tokens=16)
+    heldout = make_calibration_ids(windows=3, tokens=16, seed=99)
+    config = d2prune.PruneConfig(method="d2prune", sparsity=0.6, progress=False)
+    model = build_tiny_model("llama-gqa")
+    report, record = choose_target_layers(model, ids, heldout, config)
+    scores = record["heldout_ppl"]
+    assert set(scores) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "none"}
+    assert record["chosen"] == min(scores, key=scores.get)
+    # The model left behind is exactly a direct prune with the chosen target.
+    chosen = [] if record["chosen"] == "none" else [record["chosen"]]
+    direct = build_tiny_model("llama-gqa")
+    d2prune.prune(direct, ids, d2prune.PruneConfig(method=d2prune.D2PruneConfig(target_layers=chosen), sparsity=0.6, progress=False))
+    got, want = _weights(model), _weights(direct)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert report.config["method"]["target_layers"] == chosen
+    from d2prune.evaluation.perplexity import evaluate_ppl
+
+    assert evaluate_ppl(model, heldout, 16, progress=False).ppl == pytest.approx(scores[record["chosen"]])
+
+
+def test_search_needs_d2prune():
+    with pytest.raises(UserError):
+        choose_target_layers(build_tiny_model("llama-gqa"), make_calibration_ids(), make_calibration_ids(), d2prune.PruneConfig(method="wanda"))
+
+
+TINY = SHARED / "models" / "aidreams260K"
+DATA = SHARED / "data"
+
+
+@pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
+def test_cli_auto_never_reads_the_evaluation_text(tmp_path, monkeypatch):
+    """Every read of evaluation text happens after the search has finished, and the held-out
+    windows come from C4 documents the calibration draw did not use."""
+    import d2prune.methods.target_search as ts
+    from d2prune.cli import main
+
+    events = []
+    real_eval_tokens, real_choose, real_heldout = d2prune.data.get_eval_tokens, ts.choose_target_layers, d2prune.data.get_heldout
+
+    def eval_tokens(*a, **k):
+        events.append("eval-text")
+        return real_eval_tokens(*a, **k)
+
+    def choose(*a, **k):
+        events.append("search-start")
+        out = real_choose(*a, **k)
+        events.append("search-end")
+        return out
+
+    def heldout(*a, **k):
+        out = real_heldout(*a, **k)
+        events.append(("heldout", out))
+        return out
+
+    monkeypatch.setattr(d2prune.data, "get_eval_tokens", eval_tokens)
+    monkeypatch.setattr(ts, "choose_target_layers", choose)
+    monkeypatch.setattr(d2prune.data, "get_heldout", heldout)
+    monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rc = main(["prune", str(TINY), "--method", "d2prune", "--sparsity", "0.5", "--target-layers", "auto",
+               "--nsamples", "4", "--seqlen", "64", "--heldout-windows", "2", "--eval-windows", "2",
+               "--no-progress", "--data-dir", str(DATA), "--output-dir", str(out)])
+    assert rc == 0
+    names = [e if isinstance(e, str) else e[0] for e in events]
+    assert names.index("search-end") < names.index("eval-text") and names.count("eval-text") == 1
+    assert names.index("heldout") < names.index("search-start")
+    rec = json.loads((out / "run.json").read_text())
+    search = rec["target_search"]
+    assert set(search["heldout_ppl"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "none"}
+    assert rec["config"]["method"]["target_layers"] == ([] if search["chosen"] == "none" else [search["chosen"]])
+    # Held-out windows share no window with the calibration draw.
+    calib = d2prune.data.get_calibration(
+        __import__("transformers").AutoTokenizer.from_pretrained(TINY), "c4", 4, 64, 0, data_dir=DATA, cache_dir=False
+    )
+    held = next(e[1] for e in events if not isinstance(e, str))
+    assert not any(torch.equal(h, c) for h in held for c in calib)
