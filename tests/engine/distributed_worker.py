@@ -120,7 +120,7 @@ class _Stop(KeyboardInterrupt):
 
 
 def streamed(out: Path, rank: int) -> dict:
-    from d2prune.streaming import offload
+    import d2prune.streaming as offload
 
     ids = make_calibration_ids(WINDOWS, TOKENS)
     seen: dict = {}

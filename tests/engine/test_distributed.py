@@ -329,7 +329,7 @@ def _pruned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def streamed_two_ranks(tmp_path_factory) -> Path:
     """distributed_worker's ``streamed`` scenario on 2 ranks, and the same model pruned by one process."""
-    from d2prune.streaming.offload import prune_checkpoint
+    from d2prune.streaming import prune_checkpoint
 
     out = tmp_path_factory.mktemp("streamed")
     distributed_worker.build_tiny_model(
@@ -345,7 +345,7 @@ def streamed_two_ranks(tmp_path_factory) -> Path:
 
 def test_two_ranks_stream_from_disk_like_one_process_and_only_rank_0_writes(streamed_two_ranks):
     from d2prune.engine.activations import PATTERN
-    from d2prune.streaming.offload import evaluate_streamed
+    from d2prune.streaming import evaluate_streamed
 
     out = streamed_two_ranks
     seen = [json.loads((out / f"streamed.rank{r}.json").read_text()) for r in range(2)]
@@ -375,7 +375,7 @@ def test_two_ranks_stream_from_disk_like_one_process_and_only_rank_0_writes(stre
 
 def test_resume_is_refused_under_torchrun_and_one_process_continues_the_run(streamed_two_ranks, capsys):
     from d2prune.engine.activations import PATTERN
-    from d2prune.streaming.offload import prune_checkpoint, read_progress
+    from d2prune.streaming import prune_checkpoint, read_progress
 
     out = streamed_two_ranks
     seen = [json.loads((out / f"streamed.rank{r}.json").read_text()) for r in range(2)]

@@ -351,7 +351,7 @@ def test_streamed_permuted_prune_is_identical_to_in_memory(tmp_path):
     from safetensors.torch import load_file
 
     from d2prune.io.models import save_pruned
-    from d2prune.streaming.offload import prune_checkpoint
+    from d2prune.streaming import prune_checkpoint
 
     model = build_tiny_model("opt")
     with torch.no_grad():  # non-zero biases, so an unpermuted or unsaved bias would show

@@ -1,4 +1,4 @@
-"""Streaming models from disk (offload.py), activation offload (activations.py) and resuming."""
+"""Streaming models from disk (d2prune.streaming), activation offload (activations.py) and resuming."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from safetensors import safe_open
 
 import d2prune
 from conftest import build_tiny_model, make_calibration_ids
-from d2prune.streaming import offload
+import d2prune.streaming as offload
 from d2prune.errors import UserError
 from d2prune.evaluation.perplexity import evaluate_ppl
 from d2prune.io.models import save_pruned
-from d2prune.streaming.offload import (
+from d2prune.streaming import (
     INDEX_FILE,
     PROGRESS_FILE,
     StreamedModel,
@@ -326,7 +326,7 @@ def test_offload_disk_needs_a_safetensors_folder(tmp_path):
 
 def test_auto_offload_streams_when_the_weights_exceed_the_threshold(tmp_path, monkeypatch):
     _, src = _checkpoint(tmp_path, "llama-gqa")
-    monkeypatch.setattr(offload, "available_memory", lambda: 10**12)
+    monkeypatch.setattr(offload.checkpoint, "available_memory", lambda: 10**12)
     small = resolve_offload("auto", str(src), "float32", 0.5)
     assert small["weights"] == "none"
     assert small["weights_bytes"] == sum(p.numel() * 4 for p in build_tiny_model("llama-gqa").parameters())

@@ -275,7 +275,7 @@ def _evaluate(model, tokenizer, args, label: str, results: dict) -> None:
     evaluated layer by layer from disk (--offload disk)."""
     from d2prune.data import get_eval_tokens
     from d2prune.evaluation.perplexity import evaluate_ppl
-    from d2prune.streaming.offload import evaluate_streamed
+    from d2prune.streaming import evaluate_streamed
 
     streamed = isinstance(model, Path)
     # The model lives on the CPU between phases (pruning moves one layer at a time); evaluation
@@ -475,7 +475,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("no model given: pass a model folder, a Hub id, a .gguf file or 'smollm2-135m'")
     from d2prune.engine.activations import check_mode
-    from d2prune.streaming.offload import RESUME_UNDER_TORCHRUN, resolve_offload
+    from d2prune.streaming import RESUME_UNDER_TORCHRUN, resolve_offload
 
     world = distributed.current()
     check_mode(args.activation_offload)
@@ -505,7 +505,7 @@ def _run(args: argparse.Namespace) -> int:
         offload["weights"] = "disk" if streams else "none"
     streamed = offload["weights"] == "disk"
     if streamed:
-        from d2prune.streaming.offload import limit_heap_retention
+        from d2prune.streaming import limit_heap_retention
 
         limit_heap_retention()  # before the calibration data and the layers come and go
     if args.seqlen < 2:
@@ -600,7 +600,7 @@ def _run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if streamed:
-        from d2prune.streaming.offload import prune_checkpoint, work_dir
+        from d2prune.streaming import prune_checkpoint, work_dir
 
         target = Path(args.save_model) if args.save_model not in (None, True) else output_dir / "model"
         args.interrupt_hint = (

@@ -1,0 +1,107 @@
+"""Perplexity of a saved model streamed from disk, one decoder layer in memory at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from d2prune.engine import distributed
+from d2prune.engine.activations import Activations
+from d2prune.engine.walk import (
+    _Catcher,
+    calibration_batches,
+    capture_inputs_and_arguments,
+    forward_layers,
+)
+from d2prune.streaming.model import StreamedModel, StreamingLayers
+
+
+class _Feeder(_Catcher):
+    """Stands in for a decoder layer in the head pass: returns ``value`` (the stack's final hidden
+    states) when set, else hands its input on."""
+
+
+    value: torch.Tensor | None = None
+
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return self.value if self.value is not None else hidden
+
+
+@torch.no_grad()
+def evaluate_streamed(
+    folder: str | Path,
+    tokens: torch.Tensor,
+    seqlen: int,
+    *,
+    dtype: str = "float32",
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    device: str = "cpu",
+    activation_offload: str = "auto",
+    threshold: float = 0.5,
+    progress: bool = True,
+):
+    """Perplexity of the model in ``folder`` computed layer by layer (the same windows and loss as
+    ``evaluate.evaluate_ppl``): one decoder layer in memory at a time, then the final norm and head
+    applied to the last layer's outputs. Under torchrun each rank runs its share of the windows (every
+    rank reads ``folder``) and the per-window NLLs are summed over ranks."""
+    from d2prune.evaluation.perplexity import eval_windows, perplexity_result
+
+
+    world = distributed.current()
+    streamed = StreamedModel(folder, dtype)
+    dev = torch.device(device)
+    windows = eval_windows(tokens, seqlen, batch_size, max_windows)
+    batches = calibration_batches(windows, batch_size)
+    # [distributed] this rank's batches (maybe none); each rank fills only its own windows' slots
+    local, lo = world.shard(batches, "evaluation batches", allow_empty=True)
+    first = sum(b["input_ids"].shape[0] for b in batches[:lo])
+    nll = torch.zeros(windows.shape[0], dtype=torch.float64)
+    with world.sync("computing perplexity layer by layer"):
+        if local:
+            values = _streamed_nlls(streamed, local, dev, activation_offload, threshold, progress)
+            nll[first : first + len(values)] = torch.tensor(values, dtype=torch.float64)
+    world.all_reduce_sum([nll], "summing the perplexity")
+    return perplexity_result(nll.tolist(), seqlen)
+
+
+def _streamed_nlls(streamed: StreamedModel, batches: list[dict], dev: torch.device, activation_offload: str,
+                   threshold: float, progress: bool) -> list[float]:
+    """Per window of ``batches``: the NLL of ``evaluate.window_nlls``, one decoder layer at a time."""
+    from d2prune.evaluation.perplexity import window_nlls
+
+
+    model, stack = streamed.model, streamed.stack
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    store = StreamingLayers(streamed)
+    acts = Activations(activation_offload, dev, None, threshold)
+    try:
+        with store.outside_stack(dev):
+            _, extras = capture_inputs_and_arguments(model, stack, batches, dev, acts)
+        forward_layers(stack, store, acts, extras, sizes, range(len(stack.layers)), dev, pruned=False,
+                       progress=progress, desc="perplexity (layers)")
+        feeders = [_Feeder(layer) for layer in stack.layers]
+        originals = list(stack.layers)
+        nlls: list[float] = []
+        head = streamed.outside_names(head=True)
+        try:
+            for i, feeder in enumerate(feeders):
+                stack.layers[i] = feeder
+            with streamed.loaded(head, dev):
+                start = 0
+                for batch, size in tqdm(list(zip(batches, sizes)), desc="perplexity (head)", disable=not progress):
+                    feeders[0].value = acts.inps[start : start + size].to(dev)
+                    ids = batch["input_ids"].to(dev)
+                    nlls.extend(window_nlls(model(input_ids=ids, use_cache=False).logits, ids))
+                    start += size
+        finally:
+            for i, layer in enumerate(originals):
+                stack.layers[i] = layer
+    finally:
+        acts.close()
+    return nlls
