@@ -57,7 +57,6 @@ TINY_EXTRA = {
     "d2prune-refit-all": ["--method", "d2prune", "--refit", "cg", "--refit-target-layers"],
     "sparsegpt-offload": ["--method", "sparsegpt", "--offload", "disk"],
     "d2prune-offload": ["--method", "d2prune", "--offload", "disk", "--batch-size", "2"],
-    "pruner-zero-offload": ["--method", "pruner-zero", "--offload", "disk"],
     "wanda-layers": ["--method", "wanda", "--layer-sparsities", "0.3", "0.5", "0.7", "0.6"],
     "dsnot-sparsegpt": ["--method", "dsnot", "--dsnot-base", "sparsegpt"],
     "ria-2:4": ["--method", "ria", "--pattern", "2:4", "--ria-permute"],
