@@ -21,7 +21,7 @@ Setup of llm-compressor's virtualenv (once):
 Run:
 
     .venv/bin/python benchmarks/speed.py                     # SmolLM2-135M, 32×512 C4, 64 eval windows
-    .venv/bin/python benchmarks/speed.py --model /work/shared/models/aidreams260K --nsamples 4 \\
+    .venv/bin/python benchmarks/speed.py --model ../shared/models/aidreams260K --nsamples 4 \\
         --seqlen 64 --eval-windows 4 --no-readme            # dry run on the tiny model
 
 This file is also the runner of one pruning (``--run ours|llmc``); it imports nothing but the

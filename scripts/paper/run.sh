@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One paper model (spec §1.8): C4 calibration, 128 windows of the model's max context, WikiText-2 at
-# max context, s=1500, r1=1, r2=0, the given un-updated projection; 50% unstructured and 2:4.
+# One paper model (see docs/paper.md#per-model-settings): C4 calibration, 128 windows of the
+# model's max context, WikiText-2 at max context, s=1500, r1=1, r2=0, the given un-updated
+# projection; 50% unstructured and 2:4.
 # Usage: run.sh NAME HUB_ID TARGET_LAYER [extra d2prune arguments, e.g. --stats-mode reference]
 # Needs a GPU and a network that reaches the Hugging Face Hub.
 set -euo pipefail
