@@ -13,6 +13,7 @@ from d2prune.io import atomic
 from d2prune.io.atomic import (
     atomic_folder,
     atomic_path,
+    publish_folder,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -135,3 +136,15 @@ def test_atomic_folder_refuses_a_file_target(tmp_path):
     with pytest.raises(UserError, match="exists and is not a folder"):
         with atomic_folder(tmp_path / "f"):
             pass
+
+
+def test_publish_folder_moves_a_long_lived_temp_folder_into_place(tmp_path, fsyncs):
+    work = tmp_path / ".out.work"
+    work.mkdir()
+    (work / "shard").write_bytes(b"x")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous").write_text("old")
+    publish_folder(work, out)
+    assert sorted(p.name for p in out.iterdir()) == ["shard"] and not work.exists()
+    assert len(fsyncs) >= 3 and _leftovers(tmp_path) == []

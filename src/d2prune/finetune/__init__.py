@@ -20,6 +20,9 @@ avoids the Trainer/accelerate layer, which does nothing for a single CPU or GPU.
     from d2prune.finetune import FinetuneConfig, finetune, merge_masked_lora
     report = finetune(model, train_ids, FinetuneConfig(max_steps=100, effective_batch_size=8))
     model = merge_masked_lora(report.model)      # plain transformers model, same zeros
+
+Modules: ``config`` (settings, report), ``masked_lora`` (the layer, merging), ``training`` (the loop),
+``checkpoints``, ``adapters`` (adapter folders: save, load, and their loader for ``load_model``), ``plot``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    """Import a name that needs peft on first use (PEP 562)."""
     module = _NEED_PEFT.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

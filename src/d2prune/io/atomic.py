@@ -1,14 +1,15 @@
 """Atomic writes: write into a temp sibling, fsync it, rename it into place, fsync the folder.
 
 Readers see either the old file (or folder) or the complete new one, never a torn one, and after a
-crash the rename is not on disk ahead of the data it publishes. Every writer of d2prune goes through
-these helpers:
+crash the rename is not on disk ahead of the data it publishes. d2prune's writers go through these
+helpers:
 
 - ``write_bytes_atomic(path, data)``, ``write_text_atomic(path, text)``, ``write_json_atomic(path, obj)``
 - ``atomic_path(path)``: a context manager yielding a temp file name, for writers that want a file
   name (safetensors' ``save_file``, ``torch.save``, ``Figure.savefig``)
 - ``atomic_folder(out_dir)``: a context manager yielding a temp folder (``save_pretrained`` and the
   like), which is fsynced and renamed into place whole; it tidies up after earlier, killed saves
+- ``publish_folder(tmp, out_dir)``: the same fsync and rename for a temp folder filled over time
 
 Temp names are ``.{name}.tmp-<pid>`` next to the target (a rename is only atomic within one file
 system), so a leftover names the process that made it.
@@ -175,6 +176,15 @@ def move_into_place(tmp: Path, out_dir: Path, replace: bool = True) -> None:
         os.rename(tmp, out_dir)
 
 
+def publish_folder(tmp: Path, out_dir: Path, replace: bool = True) -> None:
+    """fsync everything in the complete folder ``tmp``, rename it to ``out_dir`` (see
+    :func:`move_into_place`), fsync the parent: for a temp folder filled over a longer time (a
+    resumable streamed save) rather than inside :func:`atomic_folder`."""
+    fsync_tree(tmp)
+    move_into_place(tmp, out_dir, replace)
+    fsync_dir(out_dir.parent)
+
+
 def prepare_folder_target(out_dir: str | os.PathLike) -> Path:
     """The absolute ``out_dir``, after tidying up leftovers of killed saves to it
     (:func:`clean_stale_temps`); a UserError if it exists and is not a folder.
@@ -209,9 +219,7 @@ def atomic_folder(out_dir: str | os.PathLike, *, replace: bool = True) -> Iterat
     try:
         tmp.mkdir()
         yield tmp
-        fsync_tree(tmp)
-        move_into_place(tmp, out_dir, replace)
+        publish_folder(tmp, out_dir, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(parent)
