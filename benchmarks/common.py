@@ -119,10 +119,10 @@ def load_results(path: Path) -> list[dict]:
 
 def save_results(path: Path, rows: list[dict]) -> None:
     """Write atomically: an interrupted benchmark never leaves a truncated results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp, path)
+    # Imported here: importing d2prune loads torch, which must not happen before start_launcher().
+    from d2prune.io.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(rows, indent=2) + "\n")
 
 
 QUICK_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--calib", "c4", "--seed", "0"]

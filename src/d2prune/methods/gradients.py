@@ -367,13 +367,12 @@ def gradient_cache_key(model: nn.Module, batches: Any, scale: float = 100.0) -> 
 
 def save_gradients(grads: dict[str, torch.Tensor], path: str | os.PathLike, key: str | None = None) -> None:
     """Write ``grads`` as float32 safetensors (atomically), with ``key`` in the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from d2prune.io.atomic import atomic_path
+
     tensors = {name: g.detach().to("cpu", torch.float32).contiguous() for name, g in grads.items()}
     metadata = {"format": CACHE_FORMAT, **({"key": key} if key else {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_gradients(path: str | os.PathLike) -> dict[str, torch.Tensor]:
