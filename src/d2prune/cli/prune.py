@@ -47,14 +47,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="cg: re-solve each pruned linear's kept weights for the least output error on its mask "
                          "(batched preconditioned conjugate gradients); none (default): keep the method's weights")
     rf.add_argument("--refit-iters", type=int, default=100, help="most CG iterations per linear (default 100)")
-    heldout = heldout_option()
-    spec = heldout.metadata["heldout"] if heldout else None
-    hs = pr.add_argument_group(f"{heldout.flag} {spec['value']}: held-out choice of {spec['choice']}" if heldout
-                               else "held-out choice")
+    hs = pr.add_argument_group(heldout_title())
     hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
     hs.add_argument("--heldout-windows", type=int, default=16, help="held-out windows (default 16)")
     hs.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out draw (default 1)")
     add_method_options(pr)
+
+
+def heldout_title() -> str:
+    """The held-out section's title, naming the option value that asks for the choice and what it chooses."""
+    opt = heldout_option()
+    if opt is None:
+        return "held-out choice"
+    spec = opt.metadata["heldout"]
+    return f"{opt.flag} {spec['value']}: held-out choice of {spec['choice']}"
 
 
 def resume_policy(args: argparse.Namespace) -> None:
