@@ -91,7 +91,7 @@ def test_nm_pattern_and_reference_flag_aliases(tmp_path, cache):
 def test_reference_target_layer_list_syntax():
     args = build_parser().parse_args(["prune", "m", "--target_layer_names", "['self_attn.k_proj', 'self_attn.q_proj']",
                                       "--d2_wanda", "--d2_sparsegpt", "--s", "2000", "--r1", "0.5", "--r2", "0.1"])
-    from d2prune.cli import _method_config
+    from d2prune.cli.method_options import method_config_from_args as _method_config
 
     cfg = _method_config(args)
     assert cfg.target_layers == ["self_attn.k_proj", "self_attn.q_proj"]

@@ -21,15 +21,16 @@ See docs/methods.md (ALPS) for the derivation in our words and where we differ f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from d2prune.errors import UserError
 from d2prune.patterns import SparsityTarget
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
 from d2prune.methods.least_squares import damp_hessian, masked_pcg, nonzero_in
+from d2prune.methods.sparsegpt import PERCDAMP_OPTION
 
 # score(Z̃, norm) -> selection score of every entry of Z̃ (normalised space; larger is kept).
 SupportScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -198,16 +199,23 @@ class ALPSPruner(LinearPruner):
         return self.rows * self.cols * self.cols * 8
 
 
+# Shared with D²-ALPS (one flag each).
+OPTIONS_GROUP = "ALPS options (alps, d2alps)"
+RHO_OPTION = option("--alps-rho", help="initial ADMM penalty rho (default 0.1)", group=OPTIONS_GROUP)
+ADMM_ITERS_OPTION = option("--alps-iters", help="at most this many ADMM iterations (default 300)", group=OPTIONS_GROUP)
+CG_ITERS_OPTION = option("--alps-cg-iters", help="PCG iterations on the final support (default 10)", group=OPTIONS_GROUP)
+
+
 @register
 @dataclass
 class ALPSConfig(MethodConfig):
     """ALPS with the authors' defaults: ρ₀ 0.1, ≤ 300 ADMM iterations, 10 PCG steps, 1% damping."""
 
     name = "alps"
-    rho: float = 0.1
-    admm_iters: int = 300
-    cg_iters: int = 10
-    percdamp: float = 0.01
+    rho: float = field(default=0.1, metadata=RHO_OPTION)
+    admm_iters: int = field(default=300, metadata=ADMM_ITERS_OPTION)
+    cg_iters: int = field(default=10, metadata=CG_ITERS_OPTION)
+    percdamp: float = field(default=0.01, metadata=PERCDAMP_OPTION)
 
     def __post_init__(self) -> None:
         if not self.rho > 0:

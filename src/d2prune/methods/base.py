@@ -6,6 +6,7 @@ prunes its weight. It never sees layers or models; the pipeline owns those.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -148,6 +149,50 @@ class LinearPruner:
         return self.rows * self.cols * (self.cols if self.needs_gram else 1)
 
 
+# Command-line options come from the config fields' ``metadata`` (``d2prune.cli`` adds one option per
+# distinct flag over all registered methods; a flag shared by several methods, e.g. --percdamp, must
+# carry the same metadata everywhere). The keys it reads:
+#   "flags"       option strings, the first one canonical; a field without flags has no option
+#   "help"        help text;  "group": title of its section of ``d2prune prune --help``
+#   "nargs"       as argparse's (a bool field is a switch: --x, or --x/--no-x when its default is True)
+#   "parse"       callable from the parsed value to the field's value; None means "as if not given"
+#   "cli_default" the value used when the flag is absent, where it must differ from the field default
+#   "method_name" the field names another registered method, built from the same options
+#   "text_source" the flag names a text source that the command line reads into token windows, like
+#                 the calibration data; the value says what for (in messages: "reading the ... data")
+#   "only_for"    giving the flag to a method that (with the methods it builds) lacks the field is a
+#                 mistake; the value names the methods that have it, for the message
+#   "heldout"     {"value", "choice", "for"}: this flag value asks for a choice on held-out data
+#                 (``MethodConfig.heldout_candidates``): what is chosen, and which methods can
+REFIT_GROUP = "refit: exact least squares on each linear's mask, after any method"
+
+
+def option(*flags: str, help: str, group: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``metadata`` of a config field with a command-line option (see the keys above)."""
+    return {"flags": tuple(flags), "help": help, "group": group, **extra}
+
+
+def parse_names(values: list[str], what: str) -> list[str]:
+    """Names from ``a b``, ``a,b`` or the paper repository's ``"['a', 'b']"``; 'none' means []."""
+    names: list[str] = []
+    for value in values:
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise UserError(f"cannot parse {what} list {value!r}") from None
+            names.extend(str(v) for v in parsed)
+        elif value.lower() != "none":
+            names.extend(v for v in value.split(",") if v)
+    return names
+
+
+def optional_text(value: str) -> str | None:
+    """An option value where the empty string means "not given"."""
+    return value or None
+
+
 @dataclass
 class MethodConfig:
     """Base of the per-method config dataclasses; ``name`` is the registry key."""
@@ -156,6 +201,23 @@ class MethodConfig:
     # Methods that score with gradients of the LM loss (Pruner-Zero) get them from the pipeline,
     # which runs the model-level gradient pass before layer-wise pruning (see gradients.py).
     needs_gradients: ClassVar[bool] = False
+    # The run record's key for the result of a held-out choice (``heldout_candidates``).
+    heldout_record_key: ClassVar[str] = "heldout_choice"
+
+    def streaming_obstacle(self) -> str | None:
+        """Why this method cannot prune a model streamed from disk one layer at a time (None: it can)."""
+        if self.needs_gradients:
+            return f"{self.name} needs a full-model gradient pass"
+        return None
+
+    def chooses_on_heldout(self) -> bool:
+        """Whether some option is left to a choice on held-out data (``heldout_candidates``)."""
+        return False
+
+    def heldout_candidates(self, linear_names: list[str]) -> dict[str, "MethodConfig"]:
+        """The configs to choose from on held-out data, by label, given a decoder layer's linears
+        (``d2prune.selection`` prunes with each and keeps the best); empty: nothing to choose."""
+        return {}
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         """A pruner for the linear ``name`` (module-relative, e.g. ``self_attn.q_proj``) whose full

@@ -13,12 +13,12 @@ With ``d2_sparsegpt`` off and ``target_layers`` empty it is plain ALPS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from d2prune.errors import UserError
-from d2prune.methods.alps import ALPSPruner, SupportScore, magnitude_score
+from d2prune.methods.alps import ADMM_ITERS_OPTION, CG_ITERS_OPTION, RHO_OPTION, ALPSPruner, SupportScore, magnitude_score
 from d2prune.methods.base import LinearPruner, register
 from d2prune.methods.d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_terms
 
@@ -53,9 +53,9 @@ class D2ALPSConfig(D2PruneConfig):
     plus ALPS's, with ALPS's defaults."""
 
     name = "d2alps"
-    rho: float = 0.1
-    admm_iters: int = 300
-    cg_iters: int = 10
+    rho: float = field(default=0.1, metadata=RHO_OPTION)
+    admm_iters: int = field(default=300, metadata=ADMM_ITERS_OPTION)
+    cg_iters: int = field(default=10, metadata=CG_ITERS_OPTION)
 
     def __post_init__(self) -> None:
         super().__post_init__()

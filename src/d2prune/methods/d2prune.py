@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,10 @@ import torch
 
 from d2prune.errors import UserError
 from d2prune.patterns import SparsityTarget, row_mask
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, register
-from d2prune.methods.sparsegpt import obs_score, sparsegpt_solve
+from d2prune.methods.base import (
+    REFIT_GROUP, Gram, LinearPruner, MethodConfig, Statistic, count_tensor, option, parse_names, register,
+)
+from d2prune.methods.sparsegpt import BLOCKSIZE_OPTION, OPTIONS_GROUP, PERCDAMP_OPTION, obs_score, sparsegpt_solve
 from d2prune.methods.wanda import InputNormStats
 
 STATS_MODES = ("mean", "reference")
@@ -164,32 +167,72 @@ class D2SparseGPTPruner(LinearPruner):
         )
 
 
+# ``target_layers`` = AUTO: one query/key/value projection (or none) is chosen on held-out data.
+AUTO = "auto"
+_QKV = re.compile(r"(^|\.)((q|k|v)_proj|query|key|value|qkv_proj|query_key_value|c_attn)$")
+
+
+def _target_layers_option(values: list[str]) -> list[str] | str:
+    names = parse_names(values, "target layer")
+    return AUTO if names == [AUTO] else names
+
+
 @register
 @dataclass
 class D2PruneConfig(MethodConfig):
+    """``target_layers``: linears pruned without weight update, or "auto" to choose one of the
+    query/key/value projections (or none) on held-out data (``d2prune.selection``)."""
+
     name = "d2prune"
-    s: float = 1500.0
-    auto_s: bool = False
-    r1: float = 1.0
-    r2: float = 0.0
-    d2_wanda: bool = True
-    d2_sparsegpt: bool = True
-    target_layers: list[str] = field(default_factory=lambda: ["self_attn.k_proj"])
-    stats_mode: str = "mean"
+    heldout_record_key = "target_search"
+
+    s: float = field(default=1500.0, metadata=option("--s", help="activation scale s (default 1500)", group=OPTIONS_GROUP))
+    auto_s: bool = field(default=False, metadata=option(
+        "--auto-s", "--auto_s", help="s = the model's max_position_embeddings", group=OPTIONS_GROUP))
+    r1: float = field(default=1.0, metadata=option(
+        "--r1", help="weight λ1 of the y·|W|·x term (default 1)", group=OPTIONS_GROUP))
+    r2: float = field(default=0.0, metadata=option(
+        "--r2", help="weight λ2 of the W²x² term, subtracted (default 0)", group=OPTIONS_GROUP))
+    d2_wanda: bool = field(default=True, metadata=option(
+        "--d2-wanda", "--d2_wanda", help="D² terms in the no-update branch (default on)", group=OPTIONS_GROUP))
+    d2_sparsegpt: bool = field(default=True, metadata=option(
+        "--d2-sparsegpt", "--d2_sparsegpt", help="D² terms in the update branch (default on)", group=OPTIONS_GROUP))
+    target_layers: list[str] | str = field(default_factory=lambda: ["self_attn.k_proj"], metadata=option(
+        "--target-layers", "--target_layer_names", nargs="+", parse=_target_layers_option, group=OPTIONS_GROUP,
+        help="linears pruned without update (default self_attn.k_proj; 'none' for none)",
+        heldout={"value": AUTO, "choice": "the un-updated projection", "for": "methods with un-updated projections"},
+    ))
+    stats_mode: str = field(default="mean", metadata=option(
+        "--stats-mode", help="mean (default) or reference (bit-faithful recurrences)", group=OPTIONS_GROUP))
     # X exponent of the r1 term in the no-update branch: 1 as in the paper and the authors'
     # later release, 0 as in the first public release (spec §1.4).
-    wanda_x_exponent: float = 1.0
-    percdamp: float = 0.01
-    blocksize: int = 128
+    wanda_x_exponent: float = field(default=1.0, metadata=option(
+        "--wanda-x-exponent", help="X exponent of the r1 term, no-update branch", group=OPTIONS_GROUP))
+    percdamp: float = field(default=0.01, metadata=PERCDAMP_OPTION)
+    blocksize: int = field(default=128, metadata=BLOCKSIZE_OPTION)
     # Let a run-level refit (PruneConfig.refit) re-solve the weights of ``target_layers`` too.
-    refit_target_layers: bool = False
+    refit_target_layers: bool = field(default=False, metadata=option(
+        "--refit-target-layers", help="D²Prune: refit its no-update --target-layers too (default: left as pruned)",
+        group=REFIT_GROUP, only_for="methods with no-update target layers",
+    ))
 
     def __post_init__(self) -> None:
         if self.stats_mode not in STATS_MODES:
             raise UserError(f"unknown stats_mode {self.stats_mode!r}: choose one of {', '.join(STATS_MODES)}")
         if not self.s > 0:
             raise UserError(f"the activation scale s must be positive, got {self.s}")
-        self.target_layers = list(self.target_layers)
+        if self.target_layers != AUTO:
+            self.target_layers = list(self.target_layers)
+
+    def chooses_on_heldout(self) -> bool:
+        return self.target_layers == AUTO
+
+    def heldout_candidates(self, linear_names: list[str]) -> dict[str, MethodConfig]:
+        """With "auto": each query/key/value projection alone, then none at all (every linear updated)."""
+        if self.target_layers != AUTO:
+            return {}
+        candidates = [[n] for n in linear_names if _QKV.search(n)] + [[]]
+        return {",".join(c) or "none": dataclasses.replace(self, target_layers=c) for c in candidates}
 
     def resolve(self, model_info: dict[str, Any]) -> "D2PruneConfig":
         if self.auto_s:
@@ -200,6 +243,9 @@ class D2PruneConfig(MethodConfig):
         return self
 
     def validate(self, linear_names: list[str], layer_class: str) -> None:
+        if self.target_layers == AUTO:
+            raise UserError("target_layers 'auto' is chosen on held-out data: prune through "
+                            "d2prune.selection.choose_on_heldout (or the command line's --target-layers auto)")
         unknown = [t for t in self.target_layers if t not in linear_names]
         if unknown:
             raise UserError(

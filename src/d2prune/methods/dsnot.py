@@ -43,7 +43,9 @@ import torch
 
 from d2prune.errors import UserError
 from d2prune.patterns import SparsityTarget
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, method_config, register
+from d2prune.methods.base import (
+    Gram, LinearPruner, MethodConfig, Statistic, count_tensor, method_config, option, register,
+)
 from d2prune.methods.wanda import InputNormStats
 
 # Linears left as the base pruned them, by default the MLP ones (the reference's skip_layer=mlp):
@@ -234,6 +236,13 @@ def skipped(name: str, patterns: list[str]) -> bool:
     return any(p in parts for p in patterns)
 
 
+OPTIONS_GROUP = "DSnoT options"
+
+
+def _skip_option(values: list[str]) -> list[str]:
+    return [] if [v.lower() for v in values] == ["none"] else values
+
+
 @register
 @dataclass
 class DSnoTConfig(MethodConfig):
@@ -242,11 +251,22 @@ class DSnoTConfig(MethodConfig):
     [] refines every linear)."""
 
     name = "dsnot"
-    base: Any = "wanda"
-    max_cycles: int = 50
-    update_threshold: float = 0.1
-    gamma: float = 1.0
-    skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))
+    base: Any = field(default="wanda", metadata=option(
+        "--dsnot-base", group=OPTIONS_GROUP, method_name=True,
+        help="method whose mask DSnoT refines, with its own options from the flags here (default wanda)",
+    ))
+    max_cycles: int = field(default=50, metadata=option(
+        "--dsnot-cycles", help="at most this many swaps per row (default 50)", group=OPTIONS_GROUP))
+    update_threshold: float = field(default=0.1, metadata=option(
+        "--dsnot-threshold", help="stop a row once its |expected error| is at most this (default 0.1)",
+        group=OPTIONS_GROUP))
+    gamma: float = field(default=1.0, metadata=option(
+        "--dsnot-gamma", help="variance exponent of the regrow ranking (default 1)", group=OPTIONS_GROUP))
+    skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP), metadata=option(
+        "--dsnot-skip", nargs="+", parse=_skip_option, group=OPTIONS_GROUP,
+        help="linears left as the base pruned them, by name or a dot part of it "
+             "(default: mlp fc1 fc2, the MLP linears; 'none' for none)",
+    ))
 
     def __post_init__(self) -> None:
         self.base = method_config(self.base)

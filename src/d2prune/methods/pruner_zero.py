@@ -17,7 +17,7 @@ import torch
 
 from d2prune.errors import UserError
 from d2prune.patterns import SparsityTarget, row_mask
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, optional_text, register
 
 
 def min_max_scale(g: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,9 @@ class PrunerZeroPruner(LinearPruner):
         return w
 
 
+OPTIONS_GROUP = "Pruner-Zero options"
+
+
 @register
 @dataclass
 class PrunerZeroConfig(MethodConfig):
@@ -52,10 +55,16 @@ class PrunerZeroConfig(MethodConfig):
     name = "pruner-zero"
     needs_gradients = True
 
-    gradients: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
-    gradient_cache: str | None = None
-    gradient_source: Any = field(default=None, repr=False, compare=False)
-    gradient_origin: str | None = field(default=None, compare=False)  # set by attach_gradients
+    gradients: dict[str, torch.Tensor] | None = field(
+        default=None, repr=False, compare=False, metadata={"help": "G by full module path"})
+    gradient_cache: str | None = field(default=None, metadata=option(
+        "--gradient-cache", help="safetensors file to store / reuse the gradient statistic",
+        group=OPTIONS_GROUP, parse=optional_text))
+    gradient_source: Any = field(default=None, repr=False, compare=False, metadata=option(
+        "--gradient-source", help="text for the gradient pass (default: the calibration source)",
+        group=OPTIONS_GROUP, text_source="gradient"))
+    gradient_origin: str | None = field(  # set by attach_gradients
+        default=None, compare=False, metadata={"help": "where G came from: computed, cache or given"})
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if self.gradients is None:

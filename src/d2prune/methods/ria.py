@@ -15,13 +15,13 @@ is chosen on the permuted matrix. The pipeline then stores the permuted order ph
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from d2prune.errors import UserError
 from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask, row_mask
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
 from d2prune.methods.wanda import InputNormStats
 
 GROUPS = ("linear", "row")
@@ -154,6 +154,9 @@ class RIAPruner(LinearPruner):
         return perm
 
 
+OPTIONS_GROUP = "RIA options"
+
+
 @register
 @dataclass
 class RIAConfig(MethodConfig):
@@ -163,10 +166,16 @@ class RIAConfig(MethodConfig):
 
     name = "ria"
 
-    a: float = 0.5
-    group: str = "linear"
-    permute: bool = False
-    lsa: bool = True
+    a: float = field(default=0.5, metadata=option(
+        "--ria-a", help="exponent a of the activation norm ‖X_j‖₂^a (default 0.5)", group=OPTIONS_GROUP))
+    group: str = field(default="linear", metadata=option(
+        "--ria-group", help="comparison group: linear (one threshold per matrix, default) or row",
+        group=OPTIONS_GROUP))
+    permute: bool = field(default=False, metadata=option(
+        "--ria-permute", help="N:M channel permutation where exact (MLP down/fc2 inputs, with their producers)",
+        group=OPTIONS_GROUP))
+    # No command-line option: the linear-sum-assignment refinement is always on there.
+    lsa: bool = field(default=True, metadata={"help": "refine the permutation by linear-sum assignment"})
 
     def __post_init__(self) -> None:
         self.group = str(self.group).strip().lower()

@@ -7,14 +7,14 @@ score; the OBS update itself is the same for both.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from d2prune.errors import UserError
 from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,18 @@ class SparseGPTPruner(LinearPruner):
         )
 
 
+# Shared by the methods that damp a Hessian or solve it in column blocks (one flag each).
+OPTIONS_GROUP = "D²Prune / SparseGPT options"
+PERCDAMP_OPTION = option("--percdamp", help="Hessian damping, fraction of mean diag (default 0.01)", group=OPTIONS_GROUP)
+BLOCKSIZE_OPTION = option("--blocksize", help="SparseGPT column block (default 128)", group=OPTIONS_GROUP)
+
+
 @register
 @dataclass
 class SparseGPTConfig(MethodConfig):
     name = "sparsegpt"
-    percdamp: float = 0.01
-    blocksize: int = 128
+    percdamp: float = field(default=0.01, metadata=PERCDAMP_OPTION)
+    blocksize: int = field(default=128, metadata=BLOCKSIZE_OPTION)
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         return SparseGPTPruner(name, weight, self)

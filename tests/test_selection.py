@@ -7,17 +7,32 @@ import d2prune
 import d2prune.data
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
-from d2prune.methods.target_search import choose_target_layers, target_candidates
+from d2prune.methods import D2PruneConfig
+from d2prune.selection import choose_on_heldout, heldout_candidates
 
 from conftest import SHARED, build_tiny_model, make_calibration_ids
 
 
+def _targets(arch: str) -> dict[str, list[str]]:
+    config = d2prune.PruneConfig(method=D2PruneConfig(target_layers="auto"))
+    return {label: c.target_layers for label, c in heldout_candidates(build_tiny_model(arch), config).items()}
+
+
 def test_candidates_are_each_qkv_projection_then_none():
-    assert target_candidates(build_tiny_model("llama-gqa")) == [
-        ["self_attn.q_proj"], ["self_attn.k_proj"], ["self_attn.v_proj"], []
-    ]
-    assert target_candidates(build_tiny_model("phi3")) == [["self_attn.qkv_proj"], []]
-    assert target_candidates(build_tiny_model("gpt-neox")) == [["attention.query_key_value"], []]
+    assert _targets("llama-gqa") == {
+        "self_attn.q_proj": ["self_attn.q_proj"], "self_attn.k_proj": ["self_attn.k_proj"],
+        "self_attn.v_proj": ["self_attn.v_proj"], "none": [],
+    }
+    assert _targets("phi3") == {"self_attn.qkv_proj": ["self_attn.qkv_proj"], "none": []}
+    assert _targets("gpt-neox") == {"attention.query_key_value": ["attention.query_key_value"], "none": []}
+
+
+def test_auto_is_only_for_the_heldout_choice():
+    config = D2PruneConfig(target_layers="auto")
+    assert config.chooses_on_heldout() and not D2PruneConfig().chooses_on_heldout()
+    assert D2PruneConfig().heldout_candidates(["self_attn.q_proj"]) == {}
+    with pytest.raises(UserError, match="held-out"):
+        d2prune.prune(build_tiny_model("llama-gqa"), make_calibration_ids(), d2prune.PruneConfig(method=config))
 
 
 def _weights(model):
@@ -28,9 +43,9 @@ def _weights(model):
 def test_search_keeps_the_lowest_heldout_ppl_and_leaves_that_model():
     ids = make_calibration_ids(windows=4, tokens=16)
     heldout = make_calibration_ids(windows=3, tokens=16, seed=99)
-    config = d2prune.PruneConfig(method="d2prune", sparsity=0.6, progress=False)
+    config = d2prune.PruneConfig(method=D2PruneConfig(target_layers="auto"), sparsity=0.6, progress=False)
     model = build_tiny_model("llama-gqa")
-    report, record = choose_target_layers(model, ids, heldout, config)
+    report, record = choose_on_heldout(model, ids, heldout, config)
     scores = record["heldout_ppl"]
     assert set(scores) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "none"}
     assert record["chosen"] == min(scores, key=scores.get)
@@ -46,9 +61,9 @@ def test_search_keeps_the_lowest_heldout_ppl_and_leaves_that_model():
     assert evaluate_ppl(model, heldout, 16, progress=False).ppl == pytest.approx(scores[record["chosen"]])
 
 
-def test_search_needs_d2prune():
+def test_search_needs_candidates():
     with pytest.raises(UserError):
-        choose_target_layers(build_tiny_model("llama-gqa"), make_calibration_ids(), make_calibration_ids(), d2prune.PruneConfig(method="wanda"))
+        choose_on_heldout(build_tiny_model("llama-gqa"), make_calibration_ids(), make_calibration_ids(), d2prune.PruneConfig(method="wanda"))
 
 
 TINY = SHARED / "models" / "aidreams260K"
@@ -59,11 +74,11 @@ DATA = SHARED / "data"
 def test_cli_auto_never_reads_the_evaluation_text(tmp_path, monkeypatch):
     """Every read of evaluation text happens after the search has finished, and the held-out
     windows come from C4 documents the calibration draw did not use."""
-    import d2prune.methods.target_search as ts
+    import d2prune.selection as ts
     from d2prune.cli import main
 
     events = []
-    real_eval_tokens, real_choose, real_heldout = d2prune.data.get_eval_tokens, ts.choose_target_layers, d2prune.data.get_heldout
+    real_eval_tokens, real_choose, real_heldout = d2prune.data.get_eval_tokens, ts.choose_on_heldout, d2prune.data.get_heldout
 
     def eval_tokens(*a, **k):
         events.append("eval-text")
@@ -81,7 +96,7 @@ def test_cli_auto_never_reads_the_evaluation_text(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(d2prune.data, "get_eval_tokens", eval_tokens)
-    monkeypatch.setattr(ts, "choose_target_layers", choose)
+    monkeypatch.setattr(ts, "choose_on_heldout", choose)
     monkeypatch.setattr(d2prune.data, "get_heldout", heldout)
     monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"

@@ -1,50 +1,51 @@
-"""Choose D²Prune's un-updated projection on held-out data (``--target-layers auto``).
+"""Choose a method option on held-out data (e.g. D²Prune's ``--target-layers auto``).
 
-The paper tries "w/o q", "w/o k" and "w/o v" and keeps the one with the lowest WikiText-2 *test*
-perplexity (spec §1.6). We run the same search but score each candidate on held-out windows that are
-neither calibration windows nor evaluation text, and also try "none" (every linear updated).
+A method config lists its candidates (``MethodConfig.heldout_candidates``); each one prunes the model,
+is scored by its perplexity on held-out windows (neither calibration windows nor evaluation text),
+and the lowest wins. For D²Prune the paper tries "w/o q", "w/o k" and "w/o v" and keeps the one with
+the lowest WikiText-2 *test* perplexity (spec §1.6); we score on held-out data instead, and also try
+"none" (every linear updated).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.config import PruneConfig
-from d2prune.report import PruneReport
+from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.walk import prune
 from d2prune.errors import UserError
 from d2prune.evaluation.perplexity import evaluate_ppl
-from d2prune.engine.walk import prune
-
-_QKV = re.compile(r"(^|\.)((q|k|v)_proj|query|key|value|qkv_proj|query_key_value|c_attn)$")
-
-
-def target_candidates(model: torch.nn.Module) -> list[list[str]]:
-    """Each query/key/value projection of a decoder layer alone, then none at all."""
-    names = find_linears(find_decoder_stack(model).layers[0])
-    return [[n] for n in names if _QKV.search(n)] + [[]]
+from d2prune.methods import MethodConfig
+from d2prune.report import PruneReport
 
 
-def choose_target_layers(
+def heldout_candidates(model: torch.nn.Module, config: PruneConfig) -> dict[str, MethodConfig]:
+    """The method configs to choose from, by label, for ``model`` (its first decoder layer's linears)."""
+    names = list(find_linears(find_decoder_stack(model).layers[0]))
+    return config.method.heldout_candidates(names)
+
+
+def choose_on_heldout(
     model: torch.nn.Module,
     calibration: Any,
     heldout: torch.LongTensor,
     config: PruneConfig,
-    candidates: list[list[str]] | None = None,
+    candidates: dict[str, MethodConfig] | None = None,
 ) -> tuple[PruneReport, dict[str, Any]]:
-    """Prune ``model`` once per candidate target list and keep the one with the lowest held-out
-    perplexity; ``model`` ends pruned with the winner. Returns its report and the search record.
+    """Prune ``model`` once per candidate method config and keep the one with the lowest held-out
+    perplexity; ``model`` ends pruned with the winner. Returns its report and the choice's record
+    (``chosen``: the winner's label, ``heldout_ppl``: the perplexity of each label).
 
     ``heldout`` is a LongTensor (windows, tokens), each row one evaluation window.
     """
-    if not hasattr(config.method, "target_layers"):
-        raise UserError(f"--target-layers auto applies to methods with un-updated projections, not to {config.method.name}")
-    candidates = candidates if candidates is not None else target_candidates(model)
+    candidates = candidates if candidates is not None else heldout_candidates(model, config)
+    if not candidates:
+        raise UserError(f"{config.method.name} has no option to choose on held-out data")
     stack = find_decoder_stack(model)
     weights = {
         f"{i}.{name}": lin.weight for i, layer in enumerate(stack.layers) for name, lin in find_linears(layer).items()
@@ -53,12 +54,10 @@ def choose_target_layers(
     device = torch.device(config.device)
     scores: dict[str, float] = {}
     best: tuple[float, str, PruneReport, dict[str, torch.Tensor]] | None = None
-    for cand in tqdm(candidates, desc="target-layer search", disable=not config.progress):
-        label = ",".join(cand) or "none"
+    for label, method in tqdm(candidates.items(), desc="held-out choice", disable=not config.progress):
         with torch.no_grad():
             for k, w in weights.items():
                 w.copy_(dense[k])
-        method = dataclasses.replace(config.method, target_layers=list(cand))
         report = prune(model, calibration, dataclasses.replace(config, method=method))
         home = next(model.parameters()).device
         model.to(device)

@@ -1,0 +1,56 @@
+"""The ``d2prune`` parser and entry point: one subcommand module each (prune, eval, finetune, attention)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from d2prune.cli import attention, common, eval as eval_command, finetune, prune
+from d2prune.cli.options import Parser
+from d2prune.engine import distributed
+from d2prune.errors import UserError
+
+COMMANDS = {"prune": prune, "eval": eval_command, "finetune": finetune, "attention": attention}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="d2prune", description="One-shot post-training pruning of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command."""
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return COMMANDS[args.command].run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    joined = False
+    try:
+        joined = common.join_ranks(args)
+        return run(args)
+    except UserError as e:
+        print(f"d2prune: error: {e}", file=sys.stderr)
+        return 2
+    except distributed.PeerError as e:
+        print(f"d2prune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None) or "no run record or model was written for this run"
+        print(f"d2prune: interrupted; {hint}", file=sys.stderr)
+        if args.command == "finetune" and args.save_steps:
+            print(f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
+                  file=sys.stderr)
+        return 130
+    finally:
+        if joined:
+            distributed.shutdown()
