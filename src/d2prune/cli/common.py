@@ -43,7 +43,7 @@ def check_model_options(args: argparse.Namespace) -> None:
 
 def offload_policy(args: argparse.Namespace) -> dict[str, Any]:
     """Whether the weights stream from disk (``offload["weights"] == "disk"``), agreed by all ranks."""
-    from d2prune.streaming.offload import resolve_offload
+    from d2prune.streaming import resolve_offload
 
     world = distributed.current()
     if world.size > 1:
@@ -57,7 +57,7 @@ def offload_policy(args: argparse.Namespace) -> dict[str, Any]:
         streams = not world.all_true(offload["weights"] != "disk", "agreeing on --offload auto")
         offload["weights"] = "disk" if streams else "none"
     if offload["weights"] == "disk":
-        from d2prune.streaming.offload import limit_heap_retention
+        from d2prune.streaming import limit_heap_retention
 
         limit_heap_retention()  # before the calibration data and the layers come and go
     return offload
@@ -104,7 +104,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
     evaluated layer by layer from disk (--offload disk)."""
     from d2prune.data import get_eval_tokens
     from d2prune.evaluation.perplexity import evaluate_ppl
-    from d2prune.streaming.offload import evaluate_streamed
+    from d2prune.streaming import evaluate_streamed
 
     streamed = isinstance(model, Path)
     # The model lives on the CPU between phases (pruning moves one layer at a time); evaluation

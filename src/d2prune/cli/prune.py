@@ -65,7 +65,7 @@ def heldout_title() -> str:
 
 def resume_policy(args: argparse.Namespace) -> None:
     """--resume continues a streamed run in its own output folder."""
-    from d2prune.streaming.offload import RESUME_UNDER_TORCHRUN
+    from d2prune.streaming import RESUME_UNDER_TORCHRUN
 
     if not args.resume:
         return
@@ -127,7 +127,7 @@ def read_text_sources(args: argparse.Namespace, config, tokenizer) -> None:
 
 def prune_streamed(args: argparse.Namespace, calibration, config, output_dir: Path, record: dict):
     """Prune layer by layer from disk, writing the pruned model as it goes; returns (report, its folder)."""
-    from d2prune.streaming.offload import prune_checkpoint, work_dir
+    from d2prune.streaming import prune_checkpoint, work_dir
 
     target = Path(args.save_model) if args.save_model not in (None, True) else output_dir / "model"
     args.interrupt_hint = (
