@@ -153,9 +153,19 @@ class MethodConfig:
     """Base of the per-method config dataclasses; ``name`` is the registry key."""
 
     name: ClassVar[str] = ""
-    # Methods that score with gradients of the LM loss (Pruner-Zero) get them from the pipeline,
-    # which runs the model-level gradient pass before layer-wise pruning (see gradients.py).
+    # Methods that score with gradients of the LM loss (Pruner-Zero) get them in ``prepare``, a
+    # model-level gradient pass before layer-wise pruning (see gradients.py).
     needs_gradients: ClassVar[bool] = False
+    # Whether the method can prune a model streamed from disk one decoder layer at a time; not when
+    # ``prepare`` needs the whole model (a gradient pass).
+    streamable: ClassVar[bool] = True
+
+    def prepare(
+        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+    ) -> "MethodConfig":
+        """Model-level work before the layer walk, on the dense model and all calibration ``batches``
+        (every rank's): returns the config to prune with. Default: unchanged."""
+        return self
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         """A pruner for the linear ``name`` (module-relative, e.g. ``self_attn.q_proj``) whose full

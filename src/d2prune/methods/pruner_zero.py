@@ -2,8 +2,8 @@
 no weight update (spec §4).
 
 G = sqrt(Σ_k (100·∂L_k/∂W)²) over the calibration windows is computed once, on the dense model,
-before the layer-wise pass (``d2prune.methods.gradients``; the pipeline runs it because
-``needs_gradients`` is set), so pruning earlier layers does not change the metric of later ones.
+before the layer-wise pass (``d2prune.methods.gradients``, run by ``PrunerZeroConfig.prepare``), so
+pruning earlier layers does not change the metric of later ones.
 ``mms`` is min-max scaling over the whole weight matrix. The input statistic X is a terminal of the
 search but not of the best tree, so the pruner observes nothing.
 """
@@ -51,11 +51,21 @@ class PrunerZeroConfig(MethodConfig):
 
     name = "pruner-zero"
     needs_gradients = True
+    streamable = False
 
     gradients: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     gradient_cache: str | None = None
     gradient_source: Any = field(default=None, repr=False, compare=False)
     gradient_origin: str | None = field(default=None, compare=False)  # set by attach_gradients
+
+    def prepare(
+        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+    ) -> "PrunerZeroConfig":
+        """G from ``gradients``, the cache, or a gradient pass over the dense model."""
+        # Imported here: gradients.py imports the engine, which imports the methods package.
+        from d2prune.methods.gradients import attach_gradients
+
+        return attach_gradients(self, model, batches, device, progress)
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if self.gradients is None:
