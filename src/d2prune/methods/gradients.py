@@ -18,11 +18,12 @@ Two ways give the same G:
   windows and keep every layer's input on the CPU. Head: the model's own forward with every decoder
   layer replaced by a stand-in (``engine.standin``: the first returns the last hidden state, the
   others pass it on), so whatever the model does after its stack (final norm, projection, LM head,
-  softcapping, loss) runs its own code; the gradient of the loss with respect to the last hidden state comes back. Backward
-  sweep, last layer first: recompute the layer's forward from its stored input, backpropagate the
-  incoming gradient, accumulate the weight gradients, hand the input's gradient to the layer below.
-  Like the pruning pipeline, it feeds every layer the keyword arguments captured at layer 0, so
-  models whose layers get different masks (mixed sliding-window/global layers) are refused.
+  softcapping, loss) runs its own code; the gradient of the loss with respect to the last hidden
+  state comes back. Backward sweep, last layer first: recompute the layer's forward from its stored
+  input, backpropagate the incoming gradient, accumulate the weight gradients, hand the input's
+  gradient to the layer below. Like the layer walk, it feeds every layer the keyword arguments
+  captured at layer 0, so models whose layers get different masks (mixed sliding-window/global
+  layers) are refused.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def _normalize(device: torch.device) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------------
-# cache and the pipeline hook
+# cache, and attaching G to the method (``PrunerZeroConfig.prepare``)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ class PrunerZeroPruner(LinearPruner):
 @register
 @dataclass
 class PrunerZeroConfig(MethodConfig):
-    """``gradients``: G by full module path (computed by the pipeline when not given);
+    """``gradients``: G by full module path (computed by ``prepare`` when not given);
     ``gradient_cache``: a safetensors file to reuse G from (when its key matches the model and the
     token ids) and to write it to; ``gradient_source``: token ids (windows, tokens) to compute G on
     instead of the calibration batches (the official recipe uses WikiText2 train windows)."""
