@@ -188,7 +188,7 @@ def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, meas
     import contextlib
 
     from conftest import build_tiny_model
-    from d2prune.engine import walk
+    from d2prune.engine import layer as engine_layer
 
     reduced: list[torch.Tensor] = []
 
@@ -211,7 +211,7 @@ def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, meas
 
     monkeypatch.setattr(distributed, "current", lambda: RankZeroOfTwo(rank=0, size=2))
     made: list[bool] = []
-    for cls in (Gram, walk._LastUseGram):
+    for cls in (Gram, engine_layer._LastUseGram):
         def hessian(self, original=cls.hessian):
             made.append(any(t is self.sum for t in reduced))  # already summed over the ranks?
             return original(self)

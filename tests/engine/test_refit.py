@@ -9,7 +9,7 @@ import torch
 
 import d2prune
 from conftest import build_tiny_model, make_calibration_ids
-from d2prune.engine import walk
+from d2prune.engine import layer as engine_layer
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.report import LinearReport, PruneReport
 from d2prune.errors import UserError
@@ -224,14 +224,14 @@ def _run(method, ids, key="llama-gqa", **kw):
 def refits(monkeypatch):
     """Records (pruned, refitted) of every refit the pipeline runs."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = walk.refit_on_support
+    original = engine_layer.refit_on_support
 
     def wrapper(dense, pruned, *args, **kwargs):
         out = original(dense, pruned, *args, **kwargs)
         seen.append((pruned.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(walk, "refit_on_support", wrapper)
+    monkeypatch.setattr(engine_layer, "refit_on_support", wrapper)
     return seen
 
 

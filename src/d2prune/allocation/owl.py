@@ -8,39 +8,44 @@ lower sparsity: after min–max normalisation of D to [0, 2λ], sparsity_l = p �
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+import torch.nn as nn
 
-from d2prune.engine import distributed
+from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.capture import capture_inputs_and_arguments
+from d2prune.engine.executor import current_executor
+from d2prune.engine.walk import LayerStore, layers_in_turn, run_layer
 from d2prune.methods.wanda import InputNormStats
 
 
 @torch.no_grad()
 def outlier_ratios(
-    model, batches: list[dict], m: float, device: torch.device, progress: bool = True, store=None
+    model: nn.Module,
+    batches: list[dict],
+    m: float,
+    device: torch.device,
+    progress: bool = True,
+    store: LayerStore | None = None,
 ) -> list[float]:
     """Per decoder layer: 100 × fraction of the layer's Wanda scores above ``m`` × their mean.
 
     Each layer sees the dense outputs of the layers before it (nothing is pruned here). ``store``
-    (a ``pipeline.LayerStore``) says where the layers live; default: in ``model``. Under
-    ``torchrun`` each rank runs its share of the batches and the norms are summed over ranks.
+    says where the layers live; default: in ``model``. Under ``torchrun`` each rank runs its share
+    of the batches and the norms are summed over ranks.
     """
-    from d2prune.engine.activations import Activations
-    from d2prune.engine.walk import LayerStore, capture_inputs_and_arguments, run_layer
-
-    world = distributed.current()
+    executor = current_executor()
     store = store or LayerStore()
     stack = find_decoder_stack(model)
-    local, _ = world.shard(batches)  # [distributed]
+    local = executor.shard(batches)  # [distributed]
     # Always in memory: this dense pass is not resumable, and its buffers are freed at the end.
     acts = Activations("ram", device)
-    with world.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
-        inps, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
+    with executor.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
+        _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
     sizes = [b["input_ids"].shape[0] for b in local]
     ratios = []
-    for index, (layer, extras) in enumerate(tqdm(
-        zip(stack.layers, layer_extras), total=len(layer_extras), desc="OWL outlier ratios", disable=not progress
-    )):
+    turns = layers_in_turn(stack, store, acts, range(len(stack.layers)), device, progress=progress,
+                           desc="OWL outlier ratios", sync=executor.sync)
+    for index, layer in turns:
         linears = find_linears(layer)
         stats = {name: InputNormStats(lin.in_features, device) for name, lin in linears.items()}
         handles = [
@@ -48,19 +53,16 @@ def outlier_ratios(
             for name, lin in linears.items()
         ]
         try:
-            with world.sync(f"the OWL statistics pass of layer {index}"):
-                store.fetch(index, layer, device)
-                run_layer(layer, acts.inps, extras, sizes, acts.outs)
+            with executor.sync(f"the OWL statistics pass of layer {index}"):
+                run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs)
         finally:
             for h in handles:
                 h.remove()
-        distributed.reduce_statistics(world, stats.values(), "OWL input norms")  # [distributed]
+        executor.reduce_statistics(stats.values(), "OWL input norms")  # [distributed]
         scores = torch.cat(
             [(lin.weight.float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
         )
         ratios.append(float((scores > m * scores.mean()).float().mean()) * 100)
-        store.release(index, layer, save=False)
-        acts.swap()
     acts.close()
     return ratios
 

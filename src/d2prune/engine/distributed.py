@@ -12,7 +12,7 @@ calibration set, and then:
 * prunes only the linears assigned to it (``assign``: largest work first, each to the least loaded
   rank) and broadcasts the pruned weights (``share_pruned``), so every rank runs the same pruned layer.
 
-Streamed from disk (``offload.prune_checkpoint``, ``--offload disk``): every rank reads each layer
+Streamed from disk (``streaming.prune_checkpoint``, ``--offload disk``): every rank reads each layer
 from the checkpoint and keeps its activation files apart (``World.file_rank``); rank 0 alone writes
 the output shards, the progress record and the finished folder. ``--resume`` runs in one process only.
 

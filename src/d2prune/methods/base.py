@@ -198,8 +198,8 @@ class MethodConfig:
     """Base of the per-method config dataclasses; ``name`` is the registry key."""
 
     name: ClassVar[str] = ""
-    # Methods that score with gradients of the LM loss (Pruner-Zero) get them from the pipeline,
-    # which runs the model-level gradient pass before layer-wise pruning (see gradients.py).
+    # Methods that score with gradients of the LM loss (Pruner-Zero) get them in ``prepare``, a
+    # model-level gradient pass before layer-wise pruning (see gradients.py).
     needs_gradients: ClassVar[bool] = False
     # The run record's key for the result of a held-out choice (``heldout_candidates``).
     heldout_record_key: ClassVar[str] = "heldout_choice"
@@ -218,6 +218,13 @@ class MethodConfig:
         """The configs to choose from on held-out data, by label, given a decoder layer's linears
         (``d2prune.selection`` prunes with each and keeps the best); empty: nothing to choose."""
         return {}
+
+    def prepare(
+        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+    ) -> "MethodConfig":
+        """Model-level work before the layer walk, on the dense model and all calibration ``batches``
+        (every rank's): returns the config to prune with. Default: unchanged."""
+        return self
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         """A pruner for the linear ``name`` (module-relative, e.g. ``self_attn.q_proj``) whose full

@@ -287,6 +287,12 @@ class DSnoTConfig(MethodConfig):
         base = self.base.resolve(model_info)
         return self if base is self.base else dataclasses.replace(self, base=base)
 
+    def prepare(
+        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+    ) -> "DSnoTConfig":
+        base = self.base.prepare(model, batches, device, progress)
+        return self if base is self.base else dataclasses.replace(self, base=base)
+
     def validate(self, linear_names: list[str], layer_class: str) -> None:
         self.base.validate(linear_names, layer_class)
         # The defaults cover several architectures at once, so only user-given names must match.

@@ -16,13 +16,14 @@ Two ways give the same G:
   its gradients): the decoder layers are visited one at a time, so only one layer is on the device.
   Forward sweep: capture layer 0's inputs (``capture_layer_inputs``), run each layer over a group of
   windows and keep every layer's input on the CPU. Head: the model's own forward with every decoder
-  layer replaced by a stub (the first returns the last hidden state, the others pass it on), so
-  whatever the model does after its stack (final norm, projection, LM head, softcapping, loss) runs
-  its own code; the gradient of the loss with respect to the last hidden state comes back. Backward
-  sweep, last layer first: recompute the layer's forward from its stored input, backpropagate the
-  incoming gradient, accumulate the weight gradients, hand the input's gradient to the layer below.
-  Like the pruning pipeline, it feeds every layer the keyword arguments captured at layer 0, so
-  models whose layers get different masks (mixed sliding-window/global layers) are refused.
+  layer replaced by a stand-in (``engine.standin``: the first returns the last hidden state, the
+  others pass it on), so whatever the model does after its stack (final norm, projection, LM head,
+  softcapping, loss) runs its own code; the gradient of the loss with respect to the last hidden
+  state comes back. Backward sweep, last layer first: recompute the layer's forward from its stored
+  input, backpropagate the incoming gradient, accumulate the weight gradients, hand the input's
+  gradient to the layer below. Like the layer walk, it feeds every layer the keyword arguments
+  captured at layer 0, so models whose layers get different masks (mixed sliding-window/global
+  layers) are refused.
 """
 
 from __future__ import annotations
@@ -42,14 +43,8 @@ from tqdm.auto import tqdm
 from d2prune.engine import distributed
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack, find_linears
 from d2prune.errors import UserError
-from d2prune.engine.walk import (
-    calibration_batches,
-    move_module_tensors,
-    move_outside_stack,
-    restore_outside_stack,
-    to_device,
-    capture_layer_inputs,
-)
+from d2prune.engine.capture import calibration_batches, capture_layer_inputs, outside_stack_on, tensors_on, to_device
+from d2prune.engine.standin import standing_in
 
 CACHE_FORMAT = "d2prune-gradients"
 
@@ -140,8 +135,7 @@ def plan_gradient_pass(
 
 def _whole_model(model, linears, windows, device, sums_device, scale, progress) -> dict[str, torch.Tensor]:
     weights = [lin.weight for lin in linears.values()]
-    previous = move_module_tensors(model.modules(), device)
-    try:
+    with tensors_on(model.modules(), device):
         sums = [torch.zeros(w.shape, dtype=torch.float32, device=sums_device) for w in weights]
         for window in tqdm(windows, desc="gradients", disable=not progress):
             loss = _loss(model, to_device(window, device))
@@ -149,8 +143,6 @@ def _whole_model(model, linears, windows, device, sums_device, scale, progress) 
             for total, grad in zip(sums, grads):
                 _accumulate(total, grad, scale)
             del loss, grads
-    finally:
-        _restore(previous)
     return dict(zip(linears, sums))
 
 
@@ -178,21 +170,17 @@ def _sweeps(model, stack, layer_linears, windows, device, scale, per_sweep, sums
         template = None
         with torch.no_grad():  # forward sweep: every layer's input, kept on the CPU
             for layer in stack.layers:
-                previous = move_module_tensors(layer.modules(), device)
-                try:
+                with tensors_on(layer.modules(), device):
                     out_all = torch.empty_like(acts[-1])
                     for k, (rest, kwargs) in enumerate(extras):
                         out, template = _split_output(layer(acts[-1][k : k + 1].to(device), *rest, **kwargs), stack)
                         out_all[k : k + 1] = out
-                finally:
-                    _restore(previous)
                 acts.append(out_all)
         grad = _head_gradients(model, stack, group, acts.pop(), device, template)
         for i in reversed(range(len(stack.layers))):  # backward sweep
             inputs, layer, paths = acts.pop(), stack.layers[i], list(layer_linears[i])
             weights = [lin.weight for lin in layer_linears[i].values()]
-            previous = move_module_tensors(layer.modules(), device)
-            try:
+            with tensors_on(layer.modules(), device):
                 layer_sums = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
                 for k, (rest, kwargs) in enumerate(extras):
                     x = inputs[k : k + 1].to(device).requires_grad_(i > 0)
@@ -204,68 +192,29 @@ def _sweeps(model, stack, layer_linears, windows, device, scale, per_sweep, sums
                     if i > 0:
                         grad[k : k + 1] = grads[-1]
                     del out, grads
-            finally:
-                _restore(previous)
             for path, total in zip(paths, layer_sums):
                 sums[path] += total.cpu()
         bar.update(len(group))
 
 
-class _Stub(nn.Module):
-    """Stands in for a decoder layer in the head pass: returns ``inject`` if set, else its input."""
-
-    def __init__(self, layer: nn.Module, template: tuple | None):
-        super().__init__()
-        self.layer = layer
-        self.template = template
-        self.inject: torch.Tensor | None = None
-        self.calls = 0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self.inject is not None:
-            if hidden.shape != self.inject.shape:
-                raise UserError(
-                    f"{type(self.layer).__name__}: hidden states of shape {tuple(hidden.shape)} reach the decoder "
-                    f"stack but layers return {tuple(self.inject.shape)}; layer-by-layer gradients cannot be used"
-                )
-            hidden = self.inject
-        self.calls += 1
-        return hidden if self.template is None else (hidden, *self.template)
-
-    def __getattr__(self, name: str) -> Any:
-        # Models read attributes of their layers (e.g. ``attention_type``): answer as the layer.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["layer"], name)
-
-
 def _head_gradients(model, stack, windows, last_hidden, device, template) -> torch.Tensor:
     """∂L_k/∂h_k for the last decoder layer's output h_k of each window (CPU, model dtype)."""
-    originals = list(stack.layers)
-    stubs = [_Stub(layer, template) for layer in originals]
-    for i, stub in enumerate(stubs):
-        stack.layers[i] = stub
-    previous = move_outside_stack(model, stack, device)
     grads = torch.empty_like(last_hidden)
-    try:
+    # The first stand-in returns the last hidden state, the others hand it on.
+    with standing_in(stack, range(len(stack.layers)), rest=template) as standins, \
+            outside_stack_on(model, stack, device):
         for k, window in enumerate(windows):
             hidden = last_hidden[k : k + 1].to(device).requires_grad_(True)
-            stubs[0].inject = hidden
-            for stub in stubs:
-                stub.calls = 0
+            standins[0].inject = hidden
+            for standin in standins:
+                standin.count = 0
             loss = _loss(model, to_device(window, device))
-            if any(stub.calls != 1 for stub in stubs):
+            if any(standin.count != 1 for standin in standins):
                 raise UserError(
                     f"{type(model).__name__} does not call each {stack.layer_class} once per forward pass; "
                     "layer-by-layer gradients cannot be used for this architecture (use layerwise=False)"
                 )
             grads[k : k + 1] = torch.autograd.grad(loss, hidden)[0]
-    finally:
-        for i, layer in enumerate(originals):
-            stack.layers[i] = layer
-        restore_outside_stack(previous)
     return grads
 
 
@@ -329,11 +278,9 @@ def _normalize(device: torch.device) -> torch.device:
     return device
 
 
-_restore = restore_outside_stack
-
 
 # --------------------------------------------------------------------------------------------------
-# cache and the pipeline hook
+# cache, and attaching G to the method (``PrunerZeroConfig.prepare``)
 # --------------------------------------------------------------------------------------------------
 
 

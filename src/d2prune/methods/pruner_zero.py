@@ -2,8 +2,8 @@
 no weight update (spec §4).
 
 G = sqrt(Σ_k (100·∂L_k/∂W)²) over the calibration windows is computed once, on the dense model,
-before the layer-wise pass (``d2prune.methods.gradients``; the pipeline runs it because
-``needs_gradients`` is set), so pruning earlier layers does not change the metric of later ones.
+before the layer-wise pass (``d2prune.methods.gradients``, run by ``PrunerZeroConfig.prepare``), so
+pruning earlier layers does not change the metric of later ones.
 ``mms`` is min-max scaling over the whole weight matrix. The input statistic X is a terminal of the
 search but not of the best tree, so the pruner observes nothing.
 """
@@ -47,7 +47,7 @@ OPTIONS_GROUP = "Pruner-Zero options"
 @register
 @dataclass
 class PrunerZeroConfig(MethodConfig):
-    """``gradients``: G by full module path (computed by the pipeline when not given);
+    """``gradients``: G by full module path (computed by ``prepare`` when not given);
     ``gradient_cache``: a safetensors file to reuse G from (when its key matches the model and the
     token ids) and to write it to; ``gradient_source``: token ids (windows, tokens) to compute G on
     instead of the calibration batches (the official recipe uses WikiText2 train windows)."""
@@ -65,6 +65,15 @@ class PrunerZeroConfig(MethodConfig):
         group=OPTIONS_GROUP, text_source="gradient"))
     gradient_origin: str | None = field(  # set by attach_gradients
         default=None, compare=False, metadata={"help": "where G came from: computed, cache or given"})
+
+    def prepare(
+        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+    ) -> "PrunerZeroConfig":
+        """G from ``gradients``, the cache, or a gradient pass over the dense model."""
+        # Imported here: gradients.py imports the engine, which imports the methods package.
+        from d2prune.methods.gradients import attach_gradients
+
+        return attach_gradients(self, model, batches, device, progress)
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if self.gradients is None:

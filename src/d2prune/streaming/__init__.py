@@ -3,7 +3,7 @@
 The model is built on the meta device (no weights; buffers such as rotary frequencies are real).
 Each decoder layer's tensors are read when its turn comes (``safe_open``, one shard file at a time,
 copied into owned memory so no file mapping outlives the read), run and pruned by the same per-layer
-code path as in-memory pruning (``engine.walk.prune`` with a ``streaming.store.StreamedStore``), written to their own
+code path as in-memory pruning (``d2prune.api.prune`` with a ``streaming.store.StreamedStore``), written to their own
 output shard and freed. The embeddings are loaded for the layer-0 capture only; the output head never
 is. The output is a normal sharded checkpoint (``model.safetensors.index.json``) that
 ``from_pretrained`` loads, with config, tokenizer and generation files copied and ``sparsity.json``.

@@ -11,9 +11,7 @@ import torch
 import torch.nn as nn
 
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack
-from d2prune.engine.walk import (
-    LayerStore,
-)
+from d2prune.engine.walk import LayerStore
 from d2prune.errors import UserError
 from d2prune.streaming.checkpoint import Checkpoint, _torch_dtype, is_streamable
 

@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from d2prune.engine import distributed
 from d2prune.engine.activations import Activations
-from d2prune.engine.walk import (
-    _Catcher,
-    calibration_batches,
-    capture_inputs_and_arguments,
-    forward_layers,
-)
+from d2prune.engine.capture import calibration_batches, capture_inputs_and_arguments
+from d2prune.engine.standin import standing_in
+from d2prune.engine.walk import forward_layers
 from d2prune.streaming.model import StreamedModel, StreamingLayers
-
-
-class _Feeder(_Catcher):
-    """Stands in for a decoder layer in the head pass: returns ``value`` (the stack's final hidden
-    states) when set, else hands its input on."""
-
-
-    value: torch.Tensor | None = None
-
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return self.value if self.value is not None else hidden
 
 
 @torch.no_grad()
@@ -85,23 +68,16 @@ def _streamed_nlls(streamed: StreamedModel, batches: list[dict], dev: torch.devi
             _, extras = capture_inputs_and_arguments(model, stack, batches, dev, acts)
         forward_layers(stack, store, acts, extras, sizes, range(len(stack.layers)), dev, pruned=False,
                        progress=progress, desc="perplexity (layers)")
-        feeders = [_Feeder(layer) for layer in stack.layers]
-        originals = list(stack.layers)
         nlls: list[float] = []
         head = streamed.outside_names(head=True)
-        try:
-            for i, feeder in enumerate(feeders):
-                stack.layers[i] = feeder
-            with streamed.loaded(head, dev):
-                start = 0
-                for batch, size in tqdm(list(zip(batches, sizes)), desc="perplexity (head)", disable=not progress):
-                    feeders[0].value = acts.inps[start : start + size].to(dev)
-                    ids = batch["input_ids"].to(dev)
-                    nlls.extend(window_nlls(model(input_ids=ids, use_cache=False).logits, ids))
-                    start += size
-        finally:
-            for i, layer in enumerate(originals):
-                stack.layers[i] = layer
+        # The first stand-in returns the last layer's outputs, the others hand them on.
+        with standing_in(stack, range(len(stack.layers))) as standins, streamed.loaded(head, dev):
+            start = 0
+            for batch, size in tqdm(list(zip(batches, sizes)), desc="perplexity (head)", disable=not progress):
+                standins[0].inject = acts.inps[start : start + size].to(dev)
+                ids = batch["input_ids"].to(dev)
+                nlls.extend(window_nlls(model(input_ids=ids, use_cache=False).logits, ids))
+                start += size
     finally:
         acts.close()
     return nlls

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from d2prune.engine.activations import Activations
 from d2prune.errors import UserError
+from d2prune.report import LinearReport, PruneReport
 from d2prune.streaming.checkpoint import INDEX_FILE
 
 PROGRESS_FILE = "progress.json"
@@ -73,6 +75,79 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(
             [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
         )
+
+
+def progress_record(
+    fingerprint: dict,
+    next_layer: int,
+    num_layers: int,
+    weight_map: dict[str, str],
+    activations: Activations,
+    report: PruneReport,
+    ranks: int,
+) -> dict[str, Any]:
+    """What ``progress.json`` holds after a layer: enough to continue the run from ``next_layer``."""
+    saved = activations.describe()
+    saved["current"] = activations.current
+    return {
+        "format": PROGRESS_FORMAT,
+        "fingerprint": fingerprint,
+        "next_layer": next_layer,
+        "num_layers": num_layers,
+        "weight_map": weight_map,
+        "activations": saved,
+        "rng": _rng_state(),
+        "torch_threads": torch.get_num_threads(),
+        "ranks": ranks,
+        "report": {
+            "linears": [lin.to_dict() for lin in report.linears],
+            "zeros": report.zeros,
+            "weights": report.weights,
+            "layer_sparsities": report.layer_sparsities,
+            "outlier_ratios": report.outlier_ratios,
+            "timings": report.timings,
+        },
+    }
+
+
+def check_resumable(progress: dict, fingerprint: dict, work: Path, ranks: int) -> None:
+    """Refuse a progress record of another d2prune version or of another run (model, data, config);
+    warn where the continued run may differ from an uninterrupted one in the last bits."""
+    if progress.get("format") != PROGRESS_FORMAT:
+        raise UserError(f"{work / PROGRESS_FILE} was written by another d2prune version; delete {work}")
+    old = progress["fingerprint"]
+    changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if changed:
+        raise UserError(
+            f"cannot resume {work}: {', '.join(changed)} differ from the interrupted run "
+            f"(repeat its command; or delete {work} to start over)"
+        )
+    threads = progress.get("torch_threads")
+    if threads != torch.get_num_threads():
+        # Float sums are split differently across threads: still a valid result, not a bit-identical one.
+        print(f"d2prune: warning: the interrupted run used {threads} torch threads, this one "
+              f"{torch.get_num_threads()}; the result may differ from an uninterrupted run in the last bits",
+              file=sys.stderr)
+    saved_ranks = progress.get("ranks", 1)
+    if saved_ranks != ranks:
+        # Its ranks summed the statistics in another order; its activation files were per rank,
+        # so the pruned layers are re-run here.
+        print(f"d2prune: warning: the interrupted run ran on {saved_ranks} ranks (torchrun), this one on "
+              f"{ranks}; the result may differ from an uninterrupted run in the last bits",
+              file=sys.stderr)
+
+
+def restore_report(report: PruneReport, progress: dict) -> int:
+    """Put the interrupted run's entries into ``report``; returns the first layer still to prune."""
+    saved = progress["report"]
+    report.linears = [LinearReport(**d) for d in saved["linears"]]
+    report.zeros, report.weights = saved["zeros"], saved["weights"]
+    report.layer_sparsities = saved["layer_sparsities"]
+    report.outlier_ratios = saved["outlier_ratios"]
+    report.timings = dict(saved["timings"])
+    report.resumed_at_layer = progress["next_layer"]
+    report.activations = progress["activations"]
+    return progress["next_layer"]
 
 
 def calibration_sha256(batches: list[dict[str, torch.Tensor]]) -> str:

@@ -8,12 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from d2prune.api import prune
 from d2prune.config import PruneConfig
 from d2prune.engine import distributed
-from d2prune.engine.walk import (
-    calibration_batches,
-    prune,
-)
+from d2prune.engine.capture import calibration_batches
 from d2prune.errors import UserError
 from d2prune.report import PruneReport
 from d2prune.streaming.model import StreamedModel
@@ -46,8 +44,9 @@ def prune_checkpoint(
     Under torchrun (see ``d2prune.engine.distributed``) every rank reads ``folder``, and rank 0 writes
     ``target``; ``resume`` is refused there (a run that torchrun started can be resumed by one process).
     """
-    if config.method.needs_gradients:
-        raise UserError(f"{config.method.name} needs a full-model gradient pass; it cannot stream from disk (--offload none)")
+    obstacle = config.method.streaming_obstacle()
+    if obstacle:
+        raise UserError(f"{obstacle}; it cannot stream from disk (--offload none)")
     world = distributed.current()
     if resume and world.size > 1:
         raise UserError(RESUME_UNDER_TORCHRUN)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import torch
@@ -17,17 +16,17 @@ from d2prune.config import PruneConfig
 from d2prune.engine import distributed
 from d2prune.engine.activations import PATTERN as ACTIVATION_FILES
 from d2prune.engine.activations import Activations
-from d2prune.errors import UserError
-from d2prune.report import LinearReport, PruneReport
+from d2prune.report import PruneReport
 from d2prune.streaming.checkpoint import INDEX_FILE, Checkpoint, _torch_dtype
 from d2prune.streaming.model import StreamedModel, StreamingLayers
 from d2prune.streaming.resume import (
     KILL_ENV,
     PROGRESS_FILE,
-    PROGRESS_FORMAT,
-    _rng_state,
     _set_rng_state,
+    check_resumable,
+    progress_record,
     read_progress,
+    restore_report,
     work_dir,
 )
 
@@ -103,40 +102,10 @@ class StreamedStore(StreamingLayers):
     def restore(self, report: PruneReport) -> int:
         if self.progress is None:
             return 0
-        progress = self.progress
-        if progress.get("format") != PROGRESS_FORMAT:
-            raise UserError(f"{self.work / PROGRESS_FILE} was written by another d2prune version; delete {self.work}")
-        old = progress["fingerprint"]
-        changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-        if changed:
-            raise UserError(
-                f"cannot resume {self.work}: {', '.join(changed)} differ from the interrupted run "
-                f"(repeat its command; or delete {self.work} to start over)"
-            )
-        threads = progress.get("torch_threads")
-        if threads != torch.get_num_threads():
-            # Float sums are split differently across threads: still a valid result, not a bit-identical one.
-            print(f"d2prune: warning: the interrupted run used {threads} torch threads, this one "
-                  f"{torch.get_num_threads()}; the result may differ from an uninterrupted run in the last bits",
-                  file=sys.stderr)
-        ranks = progress.get("ranks", 1)
-        if ranks != self.world.size:
-            # Its ranks summed the statistics in another order; its activation files were per rank,
-            # so the pruned layers are re-run here.
-            print(f"d2prune: warning: the interrupted run ran on {ranks} ranks (torchrun), this one on "
-                  f"{self.world.size}; the result may differ from an uninterrupted run in the last bits",
-                  file=sys.stderr)
-        saved = progress["report"]
-        report.linears = [LinearReport(**d) for d in saved["linears"]]
-        report.zeros, report.weights = saved["zeros"], saved["weights"]
-        report.layer_sparsities = saved["layer_sparsities"]
-        report.outlier_ratios = saved["outlier_ratios"]
-        report.timings = dict(saved["timings"])
-        report.resumed_at_layer = progress["next_layer"]
-        report.activations = progress["activations"]
-        self.weight_map = dict(progress["weight_map"])
-        self._rng = progress["rng"]
-        return progress["next_layer"]
+        check_resumable(self.progress, self.fingerprint, self.work, self.world.size)
+        self.weight_map = dict(self.progress["weight_map"])
+        self._rng = self.progress["rng"]
+        return restore_report(report, self.progress)
 
 
     def activations(self, config: PruneConfig, device: torch.device) -> Activations:
@@ -178,27 +147,8 @@ class StreamedStore(StreamingLayers):
         if self.world.rank > 0:  # rank 0 records the progress (its own activation files)
             self._kill_if_asked(index)
             return
-        saved = activations.describe()
-        saved["current"] = activations.current
-        write_json_atomic(self.work / PROGRESS_FILE, {
-            "format": PROGRESS_FORMAT,
-            "fingerprint": self.fingerprint,
-            "next_layer": index + 1,
-            "num_layers": len(self.layers),
-            "weight_map": self.weight_map,
-            "activations": saved,
-            "rng": _rng_state(),
-            "torch_threads": torch.get_num_threads(),
-            "ranks": self.world.size,
-            "report": {
-                "linears": [lin.to_dict() for lin in report.linears],
-                "zeros": report.zeros,
-                "weights": report.weights,
-                "layer_sparsities": report.layer_sparsities,
-                "outlier_ratios": report.outlier_ratios,
-                "timings": report.timings,
-            },
-        })
+        write_json_atomic(self.work / PROGRESS_FILE, progress_record(
+            self.fingerprint, index + 1, len(self.layers), self.weight_map, activations, report, self.world.size))
         self._kill_if_asked(index)
 
 

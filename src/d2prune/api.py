@@ -1,0 +1,114 @@
+"""``prune``: the public entry point. It orchestrates a run at the model level: the method's
+resolution and model-level preparation (e.g. Pruner-Zero's gradient pass), the layer-wise sparsity
+allocation (uniform, explicit per layer, or OWL), and then the engine's walk over the decoder layers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from d2prune.allocation.owl import outlier_ratios, owl_sparsities
+from d2prune.config import PruneConfig
+from d2prune.engine import walk
+from d2prune.engine.activations import Activations
+from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.capture import calibration_batches
+from d2prune.engine.executor import current_executor
+from d2prune.engine.walk import LayerStore, prune_layers
+from d2prune.patterns import SparsityTarget
+from d2prune.report import PruneReport
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module, calibration: Any, config: PruneConfig | None = None, *, store: LayerStore | None = None
+) -> PruneReport:
+    """Prune ``model`` in place, layer by layer, with ``calibration`` token ids; returns a report.
+
+    ``calibration``: a LongTensor (windows, tokens), or an iterable of such batches or of dicts with
+    ``input_ids`` (and optionally ``attention_mask``). ``store``: where the layers live (default: in
+    ``model``); see ``d2prune.streaming.prune_checkpoint`` for models streamed from disk, whose store
+    can also continue an interrupted run (``LayerStore.restore``).
+
+    Under ``torchrun`` (a process group of several ranks) this is a collective call: every rank
+    passes the same model, calibration and config, runs its share of the windows, and ends with the
+    same pruned weights (see ``d2prune.engine.distributed``).
+    """
+    config = config or PruneConfig()
+    store = store or LayerStore()
+    executor = current_executor()  # [distributed] one process unless a process group is running
+    t_start = time.perf_counter()
+    device = torch.device(config.device)
+    model_info = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
+    method = config.method.resolve(model_info)
+    stack = find_decoder_stack(model)
+    num_layers = len(stack.layers)
+
+    names = list(find_linears(stack.layers[0]))
+    method.validate(names, stack.layer_class)
+    for name, lin in find_linears(stack.layers[0]).items():
+        config.pattern.check_width(lin.in_features, f"{stack.layer_class}.{name}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        batches = calibration_batches(calibration, config.batch_size)
+        # [distributed] this rank's calibration batches (``report.nsamples`` stays the global count)
+        local = executor.shard(batches)
+        method = method.prepare(model, batches, device, config.progress)
+        report = PruneReport(config={**config.to_dict(), "method": method.to_dict()})
+        timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
+        start = store.restore(report)
+        # A continued run's timings add to those of the run it continues.
+        timings.update(report.timings)
+        earlier_total = timings.pop("total", 0.0)
+        targets = _layer_targets(model, batches, config, device, store, report, timings, num_layers)
+        report.layer_sparsities = [t.sparsity for t in targets]
+        report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), batches[0]["input_ids"].shape[1]
+
+        def on_layer_done(index: int, activations: Activations) -> None:
+            report.timings = timings
+            store.layer_done(index, report, activations)
+
+        prune_layers(model, local, method, targets, config, report, timings, store=store, executor=executor,
+                     start=start, on_layer_done=on_layer_done)
+    finally:
+        if was_training:
+            model.train()
+    timings["total"] = earlier_total + time.perf_counter() - t_start
+    report.timings = timings
+    return report
+
+
+def _layer_targets(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    config: PruneConfig,
+    device: torch.device,
+    store: LayerStore,
+    report: PruneReport,
+    timings: dict[str, float],
+    num_layers: int,
+) -> list[SparsityTarget]:
+    """Each decoder layer's target: the sparsities of a continued run when the store restored them
+    (no second OWL pass), OWL's allocation, or the config's (uniform or explicit per layer)."""
+    targets = [config.target(i, num_layers) for i in range(num_layers)]  # also checks explicit ones' count
+    if report.layer_sparsities:
+        return [SparsityTarget(p, config.pattern) for p in report.layer_sparsities]
+    if config.sparsity_profile == "owl":
+        t0 = time.perf_counter()
+        report.outlier_ratios = outlier_ratios(model, batches, config.owl_m, device, config.progress, store)
+        layer_sparsities = owl_sparsities(report.outlier_ratios, config.sparsity, config.owl_lambda)
+        timings["owl"] = time.perf_counter() - t0
+        return [SparsityTarget(p, config.pattern) for p in layer_sparsities]
+    return targets
+
+
+# Transitional alias: cli/ and methods/target_search.py import ``d2prune.engine.walk.prune``. The engine
+# may not import this module, so the name is set from here; importing any ``d2prune`` module first runs
+# ``d2prune/__init__``, which imports this one, so the alias is always there. Import ``d2prune.api.prune``.
+walk.prune = prune  # type: ignore[attr-defined]

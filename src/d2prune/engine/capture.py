@@ -1,0 +1,221 @@
+"""Calibration data and the layer-0 capture: what the decoder stack receives.
+
+The model's own forward runs up to its decoder stack with stand-ins for the layers
+(``engine.standin``), so whatever the model computes before the stack (embeddings, masks, positions,
+rotary embeddings) is recorded as it is, for any architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from d2prune.engine.activations import Activations
+from d2prune.engine.architecture import DecoderStack
+from d2prune.engine.standin import StopForward, standing_in
+from d2prune.errors import UserError
+
+# Keyword arguments a decoder layer may get for a KV cache; layer-wise calibration runs without one.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b.to(a.device)))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b if type(a) is type(b) else False
+
+
+def _move_tensors(modules: Iterable[nn.Module], device: torch.device) -> dict:
+    """Move every parameter and buffer of ``modules`` to ``device``; returns their previous devices."""
+    previous: dict[int, tuple[torch.Tensor, torch.device]] = {}
+    for module in modules:
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                # Meta tensors belong to a streamed model that loads what it needs itself.
+                if tensor is None or id(tensor) in previous or tensor.is_meta:
+                    continue
+                previous[id(tensor)] = (tensor, tensor.device)
+                tensor.data = tensor.data.to(device)
+    return previous
+
+
+@contextmanager
+def tensors_on(modules: Iterable[nn.Module], device: torch.device) -> Iterator[None]:
+    """``modules``' parameters and buffers on ``device`` for the body, back where they were after it."""
+    previous = _move_tensors(modules, device)
+    try:
+        yield
+    finally:
+        for tensor, home in previous.values():
+            tensor.data = tensor.data.to(home)
+
+
+def outside_stack_on(model: nn.Module, stack: DecoderStack, device: torch.device) -> Any:
+    """``tensors_on`` for every module of ``model`` outside its decoder stack."""
+    prefix = stack.path + "."
+    outside = (m for path, m in model.named_modules() if path != stack.path and not path.startswith(prefix))
+    return tensors_on(outside, device)
+
+
+def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Normalize the calibration data to a list of model-input dicts with ``input_ids``."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise UserError(f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}")
+        calibration = [] if calibration.numel() == 0 else calibration.split(batch_size)
+    batches = []
+    for item in calibration if isinstance(calibration, Iterable) else [calibration]:
+        if isinstance(item, torch.Tensor):
+            item = {"input_ids": item if item.dim() == 2 else item.unsqueeze(0)}
+        elif not (isinstance(item, dict) and "input_ids" in item):
+            raise UserError("calibration batches must be token-id tensors or dicts with 'input_ids'")
+        ids = item["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise UserError(f"calibration input_ids must be non-empty 2-D (windows, tokens) tensors, got {shape}")
+        batches.append(dict(item))
+    if not batches:
+        raise UserError("no calibration data given")
+    lengths = sorted({b["input_ids"].shape[1] for b in batches})
+    if len(lengths) > 1:
+        raise UserError(f"all calibration windows must have the same number of tokens, got lengths {lengths}")
+    return batches
+
+
+def _record_layer_calls(
+    model: nn.Module,
+    stack: DecoderStack,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    upto: int,
+    on_batch: Callable[[int, list[tuple[torch.Tensor, tuple, dict]]], None],
+) -> None:
+    """Run every batch through the model with decoder layers 0..upto replaced by stand-ins; hands
+    ``on_batch`` the batch index and each of those layers' (hidden states, positional args, keyword
+    args). Layers before ``upto`` hand their input on unchanged; layer ``upto`` stops the forward pass."""
+    with standing_in(stack, range(upto + 1), record=True, stop_at=upto) as standins, \
+            outside_stack_on(model, stack, device):
+        for b, batch in enumerate(batches):
+            try:
+                model(**to_device(batch, device), use_cache=False)
+            except StopForward:
+                pass
+            else:
+                raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer {upto}")
+            on_batch(b, [standin.calls.pop() for standin in standins])
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module,
+    stack: DecoderStack,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    activations: Activations | None = None,
+    keep_inputs: bool = False,
+) -> tuple[torch.Tensor | None, list[tuple[tuple, dict]]]:
+    """Run the model up to decoder layer 0 for every batch.
+
+    Returns the hidden states (windows, tokens, hidden) in the model dtype, and per batch the other
+    positional and keyword arguments the layer receives (masks, positions, rotary embeddings).
+    With ``activations`` the hidden states are written into its input buffer (allocated here) batch
+    by batch; with ``keep_inputs`` they are dropped (the buffer already holds a resumed run's inputs)
+    and only the arguments are returned.
+    """
+    extras: list[tuple[tuple, dict]] = []
+    hidden_list: list[torch.Tensor] = []
+    total = sum(b["input_ids"].shape[0] for b in batches)
+    start = 0
+
+    def on_batch(_: int, calls: list) -> None:
+        nonlocal start
+        [(hidden, rest, kwargs)] = calls
+        extras.append(_layer_extra(rest, kwargs, extras))
+        if keep_inputs:
+            return
+        if activations is None:
+            hidden_list.append(hidden)
+            return
+        if not activations.allocated:
+            activations.allocate((total, *hidden.shape[1:]), hidden.dtype)
+        # Written as it comes, so a disk buffer never needs all windows in memory at once.
+        activations.inps[start : start + hidden.shape[0]] = hidden
+        start += hidden.shape[0]
+
+    _record_layer_calls(model, stack, batches, device, 0, on_batch)
+    if keep_inputs:
+        return None, extras
+    return (activations.inps if activations is not None else torch.cat(hidden_list)), extras
+
+
+def _layer_extra(rest: tuple, kwargs: dict, seen: list) -> tuple[tuple, dict]:
+    """A layer call's arguments with the KV cache off; an equal earlier one is reused (stored once)."""
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    extra = (rest, kwargs)
+    return next((old for old in seen[-4:] if _same(old, extra)), extra)
+
+
+def _mixed_layer_types(model: nn.Module) -> bool:
+    return len(set(getattr(model.config, "layer_types", None) or [])) > 1
+
+
+@torch.no_grad()
+def capture_inputs_and_arguments(
+    model: nn.Module,
+    stack: DecoderStack,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    activations: Activations | None = None,
+    keep_inputs: bool = False,
+) -> tuple[torch.Tensor | None, list[list[tuple[tuple, dict]]]]:
+    """Layer-0 hidden states and, per decoder layer, per batch, the other arguments it receives.
+
+    Most models give every layer the same arguments. Models that mix attention types across layers
+    (``config.layer_types``: sliding-window and full attention) give each type its own mask, so for
+    them every layer's arguments are recorded in a pass where each layer hands its input on unchanged.
+    ``activations`` and ``keep_inputs`` are as for ``capture_layer_inputs``.
+    """
+    inps, extras = capture_layer_inputs(model, stack, batches, device, activations, keep_inputs)
+    num_layers = len(stack.layers)
+    if not _mixed_layer_types(model):
+        return inps, [extras] * num_layers
+    per_layer: list[list[tuple[tuple, dict]]] = [[] for _ in range(num_layers)]
+    seen: list = []
+
+    def on_batch(_: int, layer_calls: list) -> None:
+        for i, (_, rest, kwargs) in enumerate(layer_calls):
+            extra = _layer_extra(rest, kwargs, seen)
+            if not any(extra is old for old in seen):
+                seen.append(extra)
+            per_layer[i].append(extra)
+
+    _record_layer_calls(model, stack, batches, device, num_layers - 1, on_batch)
+    return inps, per_layer
