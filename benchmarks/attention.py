@@ -15,8 +15,17 @@ from __future__ import annotations
 import json
 import sys
 
-from common import (BENCH_README, RESULTS_DIR, ROOT, load_results, pruned_model, replace_block, run_d2prune, save_results,
-                    start_launcher)
+from common import (
+    BENCH_README,
+    RESULTS_DIR,
+    ROOT,
+    load_results,
+    pruned_model,
+    replace_block,
+    run_d2prune,
+    save_results,
+    start_launcher,
+)
 
 MARK_BEGIN, MARK_END = "<!-- attention-table:begin -->", "<!-- attention-table:end -->"
 METHODS = {
@@ -44,8 +53,16 @@ def main() -> None:
             run = run_d2prune(f"attention {name}-{p}", att, out)
             res = json.loads((out / "attention.json").read_text())["result"]
             results[name] = res
-            records.append({"method": name, "sparsity": float(p), "mean": res["mean"], "layers": res["layers"],
-                            "commands": [prune_cmd, run["command"]], "attention_wall_s": run["wall_s"]})
+            records.append(
+                {
+                    "method": name,
+                    "sparsity": float(p),
+                    "mean": res["mean"],
+                    "layers": res["layers"],
+                    "commands": [prune_cmd, run["command"]],
+                    "attention_wall_s": run["wall_s"],
+                }
+            )
         plot_attention_diagnostics(results, RESULTS_DIR / f"attention_smollm2_{p}.png")
     save_results(RESULTS, records)
     write_table(records)
@@ -53,18 +70,24 @@ def main() -> None:
 
 def write_table(records: list[dict]) -> None:
     """The mean-over-layers table, and D²Prune's RMSE change against SparseGPT per sparsity."""
-    lines = ["| sparsity | method | RMSE | relative RMSE | KL | entropy change | top-8 mass (dense → pruned) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| sparsity | method | RMSE | relative RMSE | KL | entropy change | top-8 mass (dense → pruned) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         m = r["mean"]
-        lines.append(f"| {r['sparsity']:.0%} | {r['method']} | {m['rmse']:.4g} | {m['relative_rmse']:.4g} | {m['kl']:.4g} | "
-                     f"{m['entropy_change']:+.4g} | {m['topk_mass_dense']:.3f} → {m['topk_mass_pruned']:.3f} |")
+        lines.append(
+            f"| {r['sparsity']:.0%} | {r['method']} | {m['rmse']:.4g} | {m['relative_rmse']:.4g} | {m['kl']:.4g} | "
+            f"{m['entropy_change']:+.4g} | {m['topk_mass_dense']:.3f} → {m['topk_mass_pruned']:.3f} |"
+        )
     for p in SPARSITIES:
         d = next(r for r in records if r["method"] == "d2prune" and r["sparsity"] == float(p))["mean"]["rmse"]
         s = next(r for r in records if r["method"] == "sparsegpt" and r["sparsity"] == float(p))["mean"]["rmse"]
         change = 100 * (d / s - 1)
-        lines.append(f"\nAt {float(p):.0%}: D²Prune's mean attention RMSE is {abs(change):.1f}% "
-                     f"{'lower' if change < 0 else 'higher'} than SparseGPT's.")
+        lines.append(
+            f"\nAt {float(p):.0%}: D²Prune's mean attention RMSE is {abs(change):.1f}% "
+            f"{'lower' if change < 0 else 'higher'} than SparseGPT's."
+        )
     replace_block(BENCH_README, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 

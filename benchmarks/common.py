@@ -58,7 +58,6 @@ class Launcher:
         self._proc.wait()
 
 
-
 _launcher: Launcher | None = None
 
 
@@ -75,8 +74,9 @@ def shown(args: list[str], launcher: list[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in [*prefix, *args])
 
 
-def run_d2prune(name: str, args: list[str], out_dir: Path, launcher: list[str] | None = None,
-                env: dict[str, str] | None = None) -> dict:
+def run_d2prune(
+    name: str, args: list[str], out_dir: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None
+) -> dict:
     """Run ``d2prune ARGS --output-dir OUT`` in its own process; its run record, wall time and peak RSS.
 
     ``launcher``: e.g. ``["torchrun", "--nproc-per-node", "2"]``, which then runs ``-m d2prune``
@@ -93,9 +93,13 @@ def run_d2prune(name: str, args: list[str], out_dir: Path, launcher: list[str] |
         raise SystemExit(f"{name} failed:\n{res['output']}")
     record_file = out_dir / "run.json"  # `d2prune attention` writes attention.json instead
     record = json.loads(record_file.read_text()) if record_file.exists() else None
-    return {"name": name, "command": shown(args, launcher), "wall_s": res["wall_s"],
-            "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
-            "record": record}
+    return {
+        "name": name,
+        "command": shown(args, launcher),
+        "wall_s": res["wall_s"],
+        "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
+        "record": record,
+    }
 
 
 def replace_block(readme: Path, begin: str, end: str, text: str, append: bool = True) -> bool:
@@ -130,8 +134,18 @@ QUICK_CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--calib", "c4", "--
 
 def pruned_model_args(method_args: list[str], sparsity: str, model: str = "smollm2-135m") -> list[str]:
     """The ``d2prune`` arguments with which ``pruned_model`` prunes and saves a model."""
-    return ["prune", model, *method_args, "--sparsity", sparsity, *QUICK_CALIBRATION, "--eval", "none", "--save-model",
-            "--no-measure-error"]
+    return [
+        "prune",
+        model,
+        *method_args,
+        "--sparsity",
+        sparsity,
+        *QUICK_CALIBRATION,
+        "--eval",
+        "none",
+        "--save-model",
+        "--no-measure-error",
+    ]
 
 
 def pruned_model(name: str, method_args: list[str], sparsity: str, model: str = "smollm2-135m") -> tuple[Path, str]:

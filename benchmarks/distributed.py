@@ -47,9 +47,28 @@ REFERENCE = "1 process, 1 thread"
 
 
 def prune_args(a: argparse.Namespace, model_dir: Path) -> list[str]:
-    return ["prune", a.model, "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", str(a.nsamples),
-            "--seqlen", str(a.seqlen), "--calib", "c4", "--seed", "0", "--eval", "wikitext2",
-            "--eval-windows", str(a.eval_windows), "--save-model", str(model_dir)]
+    return [
+        "prune",
+        a.model,
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--nsamples",
+        str(a.nsamples),
+        "--seqlen",
+        str(a.seqlen),
+        "--calib",
+        "c4",
+        "--seed",
+        "0",
+        "--eval",
+        "wikitext2",
+        "--eval-windows",
+        str(a.eval_windows),
+        "--save-model",
+        str(model_dir),
+    ]
 
 
 def compare_weights(reference: Path, other: Path) -> dict:
@@ -91,7 +110,11 @@ def write_table(rows: list[dict], readme: Path) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ranks = " / ".join(f"{m:.0f}" for m in r["rank_peak_rss_to_eval_end_mb"]) if r["rank_peak_rss_to_eval_end_mb"] else "–"
+        ranks = (
+            " / ".join(f"{m:.0f}" for m in r["rank_peak_rss_to_eval_end_mb"])
+            if r["rank_peak_rss_to_eval_end_mb"]
+            else "–"
+        )
         c = r.get("vs_reference")
         if c is None:
             same = "(reference)"
@@ -99,8 +122,10 @@ def write_table(rows: list[dict], readme: Path) -> None:
             same = "identical"
         else:
             same = f"{c['mask_mismatches']} mask differences; max rel. diff {c['max_rel_diff']:.1e}"
-        lines.append(f"| {r['name']} | {r['wall_s']:.0f} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} | {ranks} "
-                     f"| {r['ppl']:.2f} | {same} |")
+        lines.append(
+            f"| {r['name']} | {r['wall_s']:.0f} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} | {ranks} "
+            f"| {r['ppl']:.2f} | {same} |"
+        )
     if rows:
         lines.append("")
         lines.append("Commands: " + "; ".join(f"`{r['command']}`" for r in rows) + ".")
@@ -125,8 +150,11 @@ def main() -> None:
             continue
         run = run_d2prune(label, args, out, launcher=launcher, env={"OMP_NUM_THREADS": str(threads)})
         row = summarize(label, threads, run)
-        print(f"[{label}] wall {row['wall_s']:.0f} s, prune {row['prune_s']:.0f} s, "
-              f"peak RSS {row['peak_rss_mb']:.0f} MB, ppl {row['ppl']:.2f}", flush=True)
+        print(
+            f"[{label}] wall {row['wall_s']:.0f} s, prune {row['prune_s']:.0f} s, "
+            f"peak RSS {row['peak_rss_mb']:.0f} MB, ppl {row['ppl']:.2f}",
+            flush=True,
+        )
         rows.append(row)
     if a.dry_run:
         return

@@ -62,8 +62,24 @@ TINY_EXTRA = {
     "ria-2:4": ["--method", "ria", "--pattern", "2:4", "--ria-permute"],
 }
 # Fields of run.json that legitimately differ between two runs of the same prune.
-VOLATILE = {"timings", "prune_timings", "versions", "path", "output_dir", "command", "seconds", "wall_s",
-            "started", "finished", "host", "model_dir", "cache_dir", "data_dir", "saved_model", "elapsed_s"}
+VOLATILE = {
+    "timings",
+    "prune_timings",
+    "versions",
+    "path",
+    "output_dir",
+    "command",
+    "seconds",
+    "wall_s",
+    "started",
+    "finished",
+    "host",
+    "model_dir",
+    "cache_dir",
+    "data_dir",
+    "saved_model",
+    "elapsed_s",
+}
 
 
 def tensor_hashes(folder: Path) -> dict[str, str]:
@@ -92,8 +108,21 @@ def stable(record):
 
 def run_case(name: str, model: str, args: list[str], work: Path) -> dict:
     out = work / name.replace(":", "-")
-    cmd = [str(Path(sys.executable).parent / "d2prune"), "prune", model, *args, "--sparsity", "0.5",
-           "--eval", "none", "--no-measure-error", "--no-progress", "--output-dir", str(out), "--save-model"]
+    cmd = [
+        str(Path(sys.executable).parent / "d2prune"),
+        "prune",
+        model,
+        *args,
+        "--sparsity",
+        "0.5",
+        "--eval",
+        "none",
+        "--no-measure-error",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+        "--save-model",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

@@ -21,10 +21,19 @@ import argparse
 import json
 from pathlib import Path
 
-from common import BENCH_README as README
-from common import (RESULTS_DIR, load_results, parse_in_root, protocol_arguments, replace_block, run_d2prune,
-                    save_results, shown)
 from quality import METHODS, setting_args
+
+from common import BENCH_README as README
+from common import (
+    RESULTS_DIR,
+    load_results,
+    parse_in_root,
+    protocol_arguments,
+    replace_block,
+    run_d2prune,
+    save_results,
+    shown,
+)
 
 RESULTS = RESULTS_DIR / "lora_smollm2.json"
 RUNS = Path("runs") / "lora"  # relative to the project root, so the recorded commands are short
@@ -33,19 +42,68 @@ MARK_END = "<!-- lora-table:end -->"
 
 
 def prune_args(a: argparse.Namespace, setting: str, model_dir: Path) -> list[str]:
-    return ["prune", a.model, *METHODS["d2prune"], *setting_args(setting), "--nsamples", str(a.nsamples),
-            "--calib", "c4", "--seed", "0", "--seqlen", str(a.seqlen), "--eval", "wikitext2",
-            "--eval-windows", str(a.eval_windows), "--save-model", str(model_dir)]
+    return [
+        "prune",
+        a.model,
+        *METHODS["d2prune"],
+        *setting_args(setting),
+        "--nsamples",
+        str(a.nsamples),
+        "--calib",
+        "c4",
+        "--seed",
+        "0",
+        "--seqlen",
+        str(a.seqlen),
+        "--eval",
+        "wikitext2",
+        "--eval-windows",
+        str(a.eval_windows),
+        "--save-model",
+        str(model_dir),
+    ]
 
 
 def finetune_args(a: argparse.Namespace, model_dir: Path) -> list[str]:
     # One epoch over exactly steps × effective-batch blocks: every block is seen once.
-    return ["finetune", str(model_dir), "--data", "c4", "--block-size", str(a.block_size),
-            "--max-train-samples", str(a.steps * a.effective_batch_size), "--epochs", "1",
-            "--batch-size", str(a.batch_size), "--effective-batch-size", str(a.effective_batch_size),
-            "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps), "--lora-r", "8", "--lora-alpha", "16",
-            "--lora-dropout", "0.05", "--lora-targets", "q_proj,v_proj", "--seed", "0", "--save-steps", "8",
-            "--seqlen", str(a.seqlen), "--eval", "wikitext2", "--eval-windows", str(a.eval_windows)]
+    return [
+        "finetune",
+        str(model_dir),
+        "--data",
+        "c4",
+        "--block-size",
+        str(a.block_size),
+        "--max-train-samples",
+        str(a.steps * a.effective_batch_size),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(a.batch_size),
+        "--effective-batch-size",
+        str(a.effective_batch_size),
+        "--lr",
+        str(a.lr),
+        "--warmup-steps",
+        str(a.warmup_steps),
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--lora-dropout",
+        "0.05",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--seed",
+        "0",
+        "--save-steps",
+        "8",
+        "--seqlen",
+        str(a.seqlen),
+        "--eval",
+        "wikitext2",
+        "--eval-windows",
+        str(a.eval_windows),
+    ]
 
 
 def summarize(setting: str, pruned: dict, tuned: dict) -> dict:
@@ -138,13 +196,18 @@ def main() -> None:
                 print(f"[{setting}] reusing the pruned model in {model_dir}")
         if pruned is None:
             pruned = run_d2prune(f"prune-{setting}", p_args, base / "prune")
-            prune_record.write_text(json.dumps({**pruned["record"], "pruned_by": shown(p_args),
-                                                "wall_s": pruned["wall_s"]}, indent=2) + "\n")
+            prune_record.write_text(
+                json.dumps({**pruned["record"], "pruned_by": shown(p_args), "wall_s": pruned["wall_s"]}, indent=2)
+                + "\n"
+            )
         tuned = run_d2prune(f"finetune-{setting}", f_args, tuned_dir)
         row = summarize(setting, pruned, tuned)
-        print(f"[{setting}] ppl {row['ppl_pruned']:.2f} -> {row['ppl_finetuned']:.2f} after {row['steps']} steps "
-              f"({row['tokens_seen']:,} tokens, {row['train_s']:.0f} s); zeros {row['zeros_before']} -> "
-              f"{row['zeros_after']}", flush=True)
+        print(
+            f"[{setting}] ppl {row['ppl_pruned']:.2f} -> {row['ppl_finetuned']:.2f} after {row['steps']} steps "
+            f"({row['tokens_seen']:,} tokens, {row['train_s']:.0f} s); zeros {row['zeros_before']} -> "
+            f"{row['zeros_after']}",
+            flush=True,
+        )
         results = [r for r in results if r["command"] != row["command"]] + [row]
         save_results(a.results, results)
         write_table(results, a.readme)

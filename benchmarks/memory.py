@@ -49,8 +49,14 @@ def llama_config(size: str):
 
     shape = SIZES[size]
     return LlamaConfig(
-        vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        num_key_value_heads=shape["num_attention_heads"], dtype="float16", **shape,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        num_key_value_heads=shape["num_attention_heads"],
+        dtype="float16",
+        **shape,
     )
 
 
@@ -105,22 +111,54 @@ def write_checkpoint(size: str, folder: Path, seed: int = 0) -> dict:
 def run_prune(ckpt: Path, out: Path, args: argparse.Namespace, launcher: Launcher) -> dict:
     """One ``d2prune prune --offload disk`` process: wall time, peak RSS and its run record."""
     cmd = [
-        sys.executable, "-m", "d2prune", "prune", str(ckpt), "--method", args.method, "--sparsity", "0.5",
-        "--offload", "disk", "--activation-offload", args.activation_offload, "--dtype", args.dtype,
-        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib", "c4", "--seed", "0",
-        "--eval", "none", "--no-measure-error", "--output-dir", str(out), "--no-progress",
+        sys.executable,
+        "-m",
+        "d2prune",
+        "prune",
+        str(ckpt),
+        "--method",
+        args.method,
+        "--sparsity",
+        "0.5",
+        "--offload",
+        "disk",
+        "--activation-offload",
+        args.activation_offload,
+        "--dtype",
+        args.dtype,
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--calib",
+        "c4",
+        "--seed",
+        "0",
+        "--eval",
+        "none",
+        "--no-measure-error",
+        "--output-dir",
+        str(out),
+        "--no-progress",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
     res = launcher.run(cmd, env)
     if res["returncode"] != 0:
         raise SystemExit(f"{ckpt.name} failed:\n{res['output']}")
     record = json.loads((out / "run.json").read_text())
     shown = " ".join(shlex.quote(a) for a in ["d2prune", *cmd[3:]]).replace(str(ckpt), "CKPT").replace(str(out), "OUT")
     return {
-        "command": shown, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
-        "activation_bytes": record["activations"]["bytes"], "activation_storage": record["activations"]["storage"],
-        "prune_timings": record["prune_timings"], "overall_sparsity": record["overall_sparsity"],
+        "command": shown,
+        "wall_s": res["wall_s"],
+        "peak_rss_bytes": res["peak_rss_bytes"],
+        "activation_bytes": record["activations"]["bytes"],
+        "activation_storage": record["activations"]["storage"],
+        "prune_timings": record["prune_timings"],
+        "overall_sparsity": record["overall_sparsity"],
         "output_bytes": sum(p.stat().st_size for p in (out / "model").glob("*.safetensors")),
     }
 
@@ -131,15 +169,21 @@ def measure(size: str, args: argparse.Namespace, workdir: Path, launcher: Launch
         t0 = time.perf_counter()
         info = write_checkpoint(size, folder / "ckpt")
         info["write_s"] = time.perf_counter() - t0
-        print(f"{size}: {info['params'] / 1e9:.3f}B params, checkpoint {info['checkpoint_bytes'] / 2**30:.2f} GiB "
-              f"({info['write_s']:.0f} s to write); pruning ...", flush=True)
+        print(
+            f"{size}: {info['params'] / 1e9:.3f}B params, checkpoint {info['checkpoint_bytes'] / 2**30:.2f} GiB "
+            f"({info['write_s']:.0f} s to write); pruning ...",
+            flush=True,
+        )
         result = run_prune(folder / "ckpt", folder / "out", args, launcher)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     bound = info["checkpoint_bytes"] / 2 + result["activation_bytes"]
     row = {"size": size, **info, **result, "bound_bytes": bound, "within_goal": result["peak_rss_bytes"] < bound}
-    print(f"{size}: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, "
-          f"wall {row['wall_s']:.0f} s", flush=True)
+    print(
+        f"{size}: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, "
+        f"wall {row['wall_s']:.0f} s",
+        flush=True,
+    )
     return row
 
 
@@ -185,9 +229,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     machine = f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM, {platform.machine()}"
     results = {
-        "nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method, "dtype": args.dtype,
-        "activation_offload": args.activation_offload, "machine": machine,
-        "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]), "runs": [],
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "method": args.method,
+        "dtype": args.dtype,
+        "activation_offload": args.activation_offload,
+        "machine": machine,
+        "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
+        "runs": [],
     }
     for size in args.sizes:
         results["runs"].append(measure(size, args, workdir, launcher))

@@ -18,7 +18,7 @@ import argparse
 import json
 
 from common import BENCH_README as README
-from common import RESULTS_DIR, ROOT, load_results, run_d2prune, save_results, shown, replace_block
+from common import RESULTS_DIR, ROOT, load_results, replace_block, run_d2prune, save_results, shown
 
 RESULTS = RESULTS_DIR / "quality_smollm2.json"
 RUNS = ROOT / "runs" / "quality"
@@ -51,10 +51,14 @@ METHODS = {
 # Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
 SUITES = {
     "base": (["magnitude", "wanda", "sparsegpt", "d2prune"], ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]),
-    "extended": (["pruner-zero", "owl-wanda", "owl-sparsegpt", "owl-d2prune", "d2prune-auto"],
-                 ["0.5", "0.6", "0.7", "0.8", "2:4"]),
-    "exact": (["alps", "ria", "dsnot", "sparsegpt-refit", "wanda-refit", "d2alps-none", "alps-auto", "d2alps-auto"],
-              ["0.5", "0.6", "0.7", "0.8", "2:4"]),
+    "extended": (
+        ["pruner-zero", "owl-wanda", "owl-sparsegpt", "owl-d2prune", "d2prune-auto"],
+        ["0.5", "0.6", "0.7", "0.8", "2:4"],
+    ),
+    "exact": (
+        ["alps", "ria", "dsnot", "sparsegpt-refit", "wanda-refit", "d2alps-none", "alps-auto", "d2alps-auto"],
+        ["0.5", "0.6", "0.7", "0.8", "2:4"],
+    ),
 }
 
 
@@ -124,11 +128,15 @@ def write_table(rows: list[dict]) -> None:
         search = r.get("target_search")
         if search:
             tried = ", ".join(f"{k.replace('self_attn.', '')} {v:.2f}" for k, v in search["heldout_ppl"].items())
-            lines.append(f"\n`{r['name']}` chose **{search['chosen'].replace('self_attn.', '')}** "
-                         f"(held-out C4 perplexity per candidate: {tried}).")
-    lines += ["", "Achieved overall sparsity: " + ", ".join(
-        f"{r['name']} {r['achieved']:.4f}" for r in rows if r["method"] != "dense"
-    )]
+            lines.append(
+                f"\n`{r['name']}` chose **{search['chosen'].replace('self_attn.', '')}** "
+                f"(held-out C4 perplexity per candidate: {tried})."
+            )
+    lines += [
+        "",
+        "Achieved overall sparsity: "
+        + ", ".join(f"{r['name']} {r['achieved']:.4f}" for r in rows if r["method"] != "dense"),
+    ]
     table = "\n".join(lines)
     # The table goes into benchmarks/README.md and, where it has the markers, the project README
     # (which no longer carries them: it shows a hand-picked selection that links to the full table).
@@ -161,8 +169,24 @@ def main() -> None:
         for m in args.methods:
             if ":" in s and "--sparsity-profile" in METHODS[m]:
                 continue
-            jobs.append((f"{m}-{s}", ["prune", args.model, *METHODS[m], *setting_args(s),
-                                      "--nsamples", str(args.nsamples), "--calib", "c4", "--seed", "0", *common]))
+            jobs.append(
+                (
+                    f"{m}-{s}",
+                    [
+                        "prune",
+                        args.model,
+                        *METHODS[m],
+                        *setting_args(s),
+                        "--nsamples",
+                        str(args.nsamples),
+                        "--calib",
+                        "c4",
+                        "--seed",
+                        "0",
+                        *common,
+                    ],
+                )
+            )
 
     results = load_results(RESULTS)
     for name, cmd in jobs:
@@ -170,8 +194,11 @@ def main() -> None:
             print(f"skip {name} (already measured)")
             continue
         res = summarize(run_d2prune(name, cmd, RUNS / name))
-        print(f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s  "
-              f"rss {res['peak_rss_mb']:.0f}MB", flush=True)
+        print(
+            f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s  "
+            f"rss {res['peak_rss_mb']:.0f}MB",
+            flush=True,
+        )
         results = [r for r in results if r["name"] != name] + [res]
         save_results(RESULTS, results)
         write_table(results)

@@ -65,8 +65,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, dtype="float32")
     ids = load_file(args.calib)["input_ids"]
     t1 = time.perf_counter()
-    config = d2prune.PruneConfig(method=args.method, sparsity=0.5, measure_error=False, progress=False,
-                                 batch_size=args.batch_size)
+    config = d2prune.PruneConfig(
+        method=args.method, sparsity=0.5, measure_error=False, progress=False, batch_size=args.batch_size
+    )
     if args.profile_layers:
         _keep_layers(model, args.profile_layers)
         from torch.profiler import ProfilerActivity, profile
@@ -78,15 +79,27 @@ def run_ours(args: argparse.Namespace) -> dict:
         top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
         return {
             "phases_s": report.timings,
-            "ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
-                     "calls": e.count} for e in top],
+            "ops": [
+                {
+                    "op": e.key,
+                    "self_cpu_s": e.self_cpu_time_total / 1e6,
+                    "share": e.self_cpu_time_total / total,
+                    "calls": e.count,
+                }
+                for e in top
+            ],
         }
     report = d2prune.prune(model, ids, config)
     t2 = time.perf_counter()
     save_pruned(model, tokenizer, args.out, report.sparsity_record())
     t3 = time.perf_counter()
-    return {"load_s": t1 - t0, "prune_s": t2 - t1, "save_s": t3 - t2, "phases_s": report.timings,
-            "threads": torch.get_num_threads()}
+    return {
+        "load_s": t1 - t0,
+        "prune_s": t2 - t1,
+        "save_s": t3 - t2,
+        "phases_s": report.timings,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _keep_layers(model, n: int) -> None:
@@ -118,8 +131,15 @@ def run_llmc(args: argparse.Namespace) -> dict:
     else:
         recipe = WandaPruningModifier(**common)
     oneshot(
-        model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=ids.shape[0],
-        max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=args.batch_size, pipeline="sequential",
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1],
+        shuffle_calibration_samples=False,
+        batch_size=args.batch_size,
+        pipeline="sequential",
     )
     t2 = time.perf_counter()
     # Plain safetensors + the source config: the result loads with any transformers, no
@@ -143,13 +163,37 @@ def run_llmc(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def subprocess_run(launcher, python: Path, engine: str, method: str, args: argparse.Namespace, calib: Path,
-                   out: Path, extra: list[str] | None = None) -> dict:
+def subprocess_run(
+    launcher,
+    python: Path,
+    engine: str,
+    method: str,
+    args: argparse.Namespace,
+    calib: Path,
+    out: Path,
+    extra: list[str] | None = None,
+) -> dict:
     """One runner process; its own report plus wall time and peak RSS."""
     info = out.with_suffix(".json")
-    cmd = [str(python), str(Path(__file__).resolve()), "--run", engine, "--method", method, "--model", str(args.model),
-           "--calib", str(calib), "--out", str(out), "--info", str(info), "--batch-size", str(args.batch_size),
-           *(extra or [])]
+    cmd = [
+        str(python),
+        str(Path(__file__).resolve()),
+        "--run",
+        engine,
+        "--method",
+        method,
+        "--model",
+        str(args.model),
+        "--calib",
+        str(calib),
+        "--out",
+        str(out),
+        "--info",
+        str(info),
+        "--batch-size",
+        str(args.batch_size),
+        *(extra or []),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if engine == "ours":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
@@ -159,8 +203,14 @@ def subprocess_run(launcher, python: Path, engine: str, method: str, args: argpa
     if res["returncode"] != 0:
         raise SystemExit(f"{engine} {method} failed:\n{res['output'][-5000:]}")
     shown = " ".join(shlex.quote(c) for c in cmd).replace(str(ROOT) + "/", "")
-    return {"engine": engine, "method": method, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
-            "command": shown, **json.loads(info.read_text())}
+    return {
+        "engine": engine,
+        "method": method,
+        "wall_s": res["wall_s"],
+        "peak_rss_bytes": res["peak_rss_bytes"],
+        "command": shown,
+        **json.loads(info.read_text()),
+    }
 
 
 def decoder_sparsity(folder: Path) -> float:
@@ -218,17 +268,28 @@ def table(results: dict) -> str:
             f"| {r['method']} | {'d2prune' if r['engine'] == 'ours' else 'llm-compressor'} | {r['wall_s']:.1f} "
             f"| {r['prune_s']:.1f} | {mib(r['peak_rss_bytes'])} | {r['ppl']:.2f} | {r['sparsity']:.4f} |"
         )
-    lines += ["", "| method | time ours/theirs (wall) | (prune) | peak RSS ours/theirs | ppl ours/theirs − 1 |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| method | time ours/theirs (wall) | (prune) | peak RSS ours/theirs | ppl ours/theirs − 1 |",
+        "|---|---|---|---|---|",
+    ]
     for m, ratio in results["ratios"].items():
-        lines.append(f"| {m} | {ratio['wall']:.2f} | {ratio['prune']:.2f} | {ratio['rss']:.2f} | {ratio['ppl'] * 100:+.2f}% |")
+        lines.append(
+            f"| {m} | {ratio['wall']:.2f} | {ratio['prune']:.2f} | {ratio['rss']:.2f} | {ratio['ppl'] * 100:+.2f}% |"
+        )
     if results.get("profile"):
-        lines += ["", "Where our time goes, one decoder layer (torch.profiler, self CPU time per op; phases from the "
-                  "pipeline's timers):", ""]
+        lines += [
+            "",
+            "Where our time goes, one decoder layer (torch.profiler, self CPU time per op; phases from the "
+            "pipeline's timers):",
+            "",
+        ]
         for m, prof in results["profile"].items():
             phases = ", ".join(f"{k} {v:.2f} s" for k, v in prof["phases_s"].items() if k != "total")
-            lines.append(f"- {m}: {phases}; top ops: "
-                         + ", ".join(f"`{o['op']}` {o['share'] * 100:.0f}%" for o in prof["ops"][:6]))
+            lines.append(
+                f"- {m}: {phases}; top ops: "
+                + ", ".join(f"`{o['op']}` {o['share'] * 100:.0f}%" for o in prof["ops"][:6])
+            )
     lines += ["", f"Produced by `{results['command']}`; runner commands in `benchmarks/results/speed.json`."]
     return "\n".join(lines)
 
@@ -252,17 +313,28 @@ def benchmark(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="speed-", dir=args.workdir))
     try:
         dense, tokenizer = load_model(str(args.model), dtype="float32")
-        ids = get_calibration(tokenizer, "c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir)
+        ids = get_calibration(
+            tokenizer, "c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir
+        )
         calib = work / "calibration.safetensors"
         save_file({"input_ids": ids.contiguous()}, str(calib))
         dense_ppl = perplexity(args.model, args, (dense, tokenizer))
         del dense
         machine = f"{os.cpu_count()} CPUs, torch {torch.__version__}, {platform.machine()}"
         results = {
-            "model_name": args.model_name, "model": str(args.model), "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "eval_windows": args.eval_windows, "batch_size": args.batch_size, "dense_ppl": dense_ppl, "machine": machine,
-            "calibration_sha256": _sha256(calib), "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
-            "runs": [], "ratios": {}, "profile": {},
+            "model_name": args.model_name,
+            "model": str(args.model),
+            "nsamples": args.nsamples,
+            "seqlen": args.seqlen,
+            "eval_windows": args.eval_windows,
+            "batch_size": args.batch_size,
+            "dense_ppl": dense_ppl,
+            "machine": machine,
+            "calibration_sha256": _sha256(calib),
+            "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+            "runs": [],
+            "ratios": {},
+            "profile": {},
         }
         for method in args.methods:
             pair = {}
@@ -272,8 +344,11 @@ def benchmark(args: argparse.Namespace) -> None:
                 run = subprocess_run(launcher, python, engine, method, args, calib, out)
                 run["ppl"] = perplexity(out, args)
                 run["sparsity"] = decoder_sparsity(out)
-                print(f"  wall {run['wall_s']:.1f} s, prune {run['prune_s']:.1f} s, peak RSS "
-                      f"{run['peak_rss_bytes'] / 2**20:.0f} MiB, ppl {run['ppl']:.2f}", flush=True)
+                print(
+                    f"  wall {run['wall_s']:.1f} s, prune {run['prune_s']:.1f} s, peak RSS "
+                    f"{run['peak_rss_bytes'] / 2**20:.0f} MiB, ppl {run['ppl']:.2f}",
+                    flush=True,
+                )
                 results["runs"].append(run)
                 pair[engine] = run
                 shutil.rmtree(out, ignore_errors=True)
@@ -284,8 +359,16 @@ def benchmark(args: argparse.Namespace) -> None:
                 "ppl": pair["ours"]["ppl"] / pair["llmc"]["ppl"] - 1,
             }
             if args.profile:
-                prof = subprocess_run(launcher, Path(sys.executable), "ours", method, args, calib,
-                                      work / f"profile-{method}", ["--profile-layers", "1"])
+                prof = subprocess_run(
+                    launcher,
+                    Path(sys.executable),
+                    "ours",
+                    method,
+                    args,
+                    calib,
+                    work / f"profile-{method}",
+                    ["--profile-layers", "1"],
+                )
                 results["profile"][method] = {"phases_s": prof["phases_s"], "ops": prof["ops"]}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
@@ -311,7 +394,9 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward, both engines (default 1)")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="calibration windows per forward, both engines (default 1)"
+    )
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--llmc-python", default=str(LLMC_PYTHON), help="python of llm-compressor's virtualenv")
     p.add_argument("--workdir", default=None)

@@ -18,8 +18,18 @@ from __future__ import annotations
 import argparse
 import math
 
-from common import (BENCH_README, RESULTS_DIR, ROOT, load_results, pruned_model, pruned_model_args, run_d2prune,
-                    save_results, shown, replace_block)
+from common import (
+    BENCH_README,
+    RESULTS_DIR,
+    ROOT,
+    load_results,
+    pruned_model,
+    pruned_model_args,
+    replace_block,
+    run_d2prune,
+    save_results,
+    shown,
+)
 
 RESULTS = RESULTS_DIR / "zeroshot_smollm2.json"
 MARK_BEGIN, MARK_END = "<!-- zeroshot-table:begin -->", "<!-- zeroshot-table:end -->"
@@ -41,13 +51,20 @@ def write_table(rows: list[dict]) -> None:
         cells = [f"{100 * z[t]['value']:.1f} ± {100 * z[t]['stderr']:.1f}" for t in TASKS]
         # The mean's standard error treats the tasks as independent samples.
         se7 = math.sqrt(sum(z[t]["stderr"] ** 2 for t in TASKS[:7])) / 7
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | **{100 * z['mean']:.1f}** ± {100 * se7:.1f} | "
-                     f"{100 * z['mean_all']:.1f} |")
+        lines.append(
+            f"| {r['name']} | " + " | ".join(cells) + f" | **{100 * z['mean']:.1f}** ± {100 * se7:.1f} | "
+            f"{100 * z['mean_all']:.1f} |"
+        )
     n = {t: rows[0]["zero_shot"][t]["n"] for t in TASKS} if rows else {}
     metric = {t: rows[0]["zero_shot"][t]["metric"] for t in TASKS} if rows else {}
-    lines += ["", "Accuracy in % ± lm-eval's standard error. Metric per task: "
-              + ", ".join(f"{t} {metric[t]}" for t in TASKS) + ". Items per task: "
-              + ", ".join(f"{t} {n[t]}" for t in TASKS) + "."]
+    lines += [
+        "",
+        "Accuracy in % ± lm-eval's standard error. Metric per task: "
+        + ", ".join(f"{t} {metric[t]}" for t in TASKS)
+        + ". Items per task: "
+        + ", ".join(f"{t} {n[t]}" for t in TASKS)
+        + ".",
+    ]
     replace_block(BENCH_README, MARK_BEGIN, MARK_END, "\n".join(lines))
 
 
@@ -80,8 +97,14 @@ def main() -> None:
             model = str(model_dir.relative_to(ROOT))
             cmd = ["eval", model, *zs]
         res = run_d2prune(name, cmd, ROOT / "runs" / "zeroshot" / name)
-        row = {"name": name, "command": res["command"], "prune_command": prune_cmd, "wall_s": res["wall_s"],
-               "peak_rss_mb": res["peak_rss_mb"], "zero_shot": res["record"]["zero_shot"]}
+        row = {
+            "name": name,
+            "command": res["command"],
+            "prune_command": prune_cmd,
+            "wall_s": res["wall_s"],
+            "peak_rss_mb": res["peak_rss_mb"],
+            "zero_shot": res["record"]["zero_shot"],
+        }
         print(f"{name}: mean(7) {100 * row['zero_shot']['mean']:.1f}  {row['wall_s']:.0f}s", flush=True)
         rows = [r for r in rows if r["name"] != name] + [row]
         save_results(RESULTS, rows)

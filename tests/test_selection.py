@@ -5,12 +5,11 @@ import torch
 
 import d2prune
 import d2prune.data
+from conftest import SHARED, build_tiny_model, make_calibration_ids
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
 from d2prune.methods import D2PruneConfig
 from d2prune.selection import choose_on_heldout, heldout_candidates
-
-from conftest import SHARED, build_tiny_model, make_calibration_ids
 
 
 def _targets(arch: str) -> dict[str, list[str]]:
@@ -20,8 +19,10 @@ def _targets(arch: str) -> dict[str, list[str]]:
 
 def test_candidates_are_each_qkv_projection_then_none():
     assert _targets("llama-gqa") == {
-        "self_attn.q_proj": ["self_attn.q_proj"], "self_attn.k_proj": ["self_attn.k_proj"],
-        "self_attn.v_proj": ["self_attn.v_proj"], "none": [],
+        "self_attn.q_proj": ["self_attn.q_proj"],
+        "self_attn.k_proj": ["self_attn.k_proj"],
+        "self_attn.v_proj": ["self_attn.v_proj"],
+        "none": [],
     }
     assert _targets("phi3") == {"self_attn.qkv_proj": ["self_attn.qkv_proj"], "none": []}
     assert _targets("gpt-neox") == {"attention.query_key_value": ["attention.query_key_value"], "none": []}
@@ -37,7 +38,11 @@ def test_auto_is_only_for_the_heldout_choice():
 
 def _weights(model):
     stack = find_decoder_stack(model)
-    return {f"{i}.{n}": lin.weight.detach().clone() for i, l in enumerate(stack.layers) for n, lin in find_linears(l).items()}
+    return {
+        f"{i}.{n}": lin.weight.detach().clone()
+        for i, layer in enumerate(stack.layers)
+        for n, lin in find_linears(layer).items()
+    }
 
 
 def test_search_keeps_the_lowest_heldout_ppl_and_leaves_that_model():
@@ -52,7 +57,11 @@ def test_search_keeps_the_lowest_heldout_ppl_and_leaves_that_model():
     # The model left behind is exactly a direct prune with the chosen target.
     chosen = [] if record["chosen"] == "none" else [record["chosen"]]
     direct = build_tiny_model("llama-gqa")
-    d2prune.prune(direct, ids, d2prune.PruneConfig(method=d2prune.D2PruneConfig(target_layers=chosen), sparsity=0.6, progress=False))
+    d2prune.prune(
+        direct,
+        ids,
+        d2prune.PruneConfig(method=d2prune.D2PruneConfig(target_layers=chosen), sparsity=0.6, progress=False),
+    )
     got, want = _weights(model), _weights(direct)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert report.config["method"]["target_layers"] == chosen
@@ -63,7 +72,12 @@ def test_search_keeps_the_lowest_heldout_ppl_and_leaves_that_model():
 
 def test_search_needs_candidates():
     with pytest.raises(UserError):
-        choose_on_heldout(build_tiny_model("llama-gqa"), make_calibration_ids(), make_calibration_ids(), d2prune.PruneConfig(method="wanda"))
+        choose_on_heldout(
+            build_tiny_model("llama-gqa"),
+            make_calibration_ids(),
+            make_calibration_ids(),
+            d2prune.PruneConfig(method="wanda"),
+        )
 
 
 TINY = SHARED / "models" / "aidreams260K"
@@ -78,7 +92,11 @@ def test_cli_auto_never_reads_the_evaluation_text(tmp_path, monkeypatch):
     from d2prune.cli import main
 
     events = []
-    real_eval_tokens, real_choose, real_heldout = d2prune.data.get_eval_tokens, ts.choose_on_heldout, d2prune.data.get_heldout
+    real_eval_tokens, real_choose, real_heldout = (
+        d2prune.data.get_eval_tokens,
+        ts.choose_on_heldout,
+        d2prune.data.get_heldout,
+    )
 
     def eval_tokens(*a, **k):
         events.append("eval-text")
@@ -100,9 +118,31 @@ def test_cli_auto_never_reads_the_evaluation_text(tmp_path, monkeypatch):
     monkeypatch.setattr(d2prune.data, "get_heldout", heldout)
     monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    rc = main(["prune", str(TINY), "--method", "d2prune", "--sparsity", "0.5", "--target-layers", "auto",
-               "--nsamples", "4", "--seqlen", "64", "--heldout-windows", "2", "--eval-windows", "2",
-               "--no-progress", "--data-dir", str(DATA), "--output-dir", str(out)])
+    rc = main(
+        [
+            "prune",
+            str(TINY),
+            "--method",
+            "d2prune",
+            "--sparsity",
+            "0.5",
+            "--target-layers",
+            "auto",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--heldout-windows",
+            "2",
+            "--eval-windows",
+            "2",
+            "--no-progress",
+            "--data-dir",
+            str(DATA),
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     names = [e if isinstance(e, str) else e[0] for e in events]
     assert names.index("search-end") < names.index("eval-text") and names.count("eval-text") == 1

@@ -11,8 +11,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "d2prune"
 MAX_LINES = 400
 # What the engine may use: the method interface and the shared solver, never a method or a caller.
-ENGINE_MAY_IMPORT = ("d2prune.engine", "d2prune.methods.base", "d2prune.methods.least_squares", "d2prune.errors",
-                     "d2prune.patterns", "d2prune.config", "d2prune.report")
+ENGINE_MAY_IMPORT = (
+    "d2prune.engine",
+    "d2prune.methods.base",
+    "d2prune.methods.least_squares",
+    "d2prune.errors",
+    "d2prune.patterns",
+    "d2prune.config",
+    "d2prune.report",
+)
 
 
 def _module_name(path: Path) -> str:

@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from d2prune.allocation.owl import outlier_ratios, owl_sparsities
 from d2prune.config import PruneConfig
-from d2prune.engine import walk
 from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.engine.capture import calibration_batches
@@ -74,8 +73,19 @@ def prune(
             report.timings = timings
             store.layer_done(index, report, activations)
 
-        prune_layers(model, local, method, targets, config, report, timings, store=store, executor=executor,
-                     start=start, on_layer_done=on_layer_done)
+        prune_layers(
+            model,
+            local,
+            method,
+            targets,
+            config,
+            report,
+            timings,
+            store=store,
+            executor=executor,
+            start=start,
+            on_layer_done=on_layer_done,
+        )
     finally:
         if was_training:
             model.train()
@@ -106,9 +116,3 @@ def _layer_targets(
         timings["owl"] = time.perf_counter() - t0
         return [SparsityTarget(p, config.pattern) for p in layer_sparsities]
     return targets
-
-
-# Transitional alias: cli/ and methods/target_search.py import ``d2prune.engine.walk.prune``. The engine
-# may not import this module, so the name is set from here; importing any ``d2prune`` module first runs
-# ``d2prune/__init__``, which imports this one, so the alias is always there. Import ``d2prune.api.prune``.
-walk.prune = prune  # type: ignore[attr-defined]

@@ -58,14 +58,18 @@ class PruneConfig:
             raise UserError(f"unknown sparsity profile {self.sparsity_profile!r}: choose uniform or owl")
         if self.sparsity_profile == "owl":
             if self.pattern.is_nm or self.layer_sparsities is not None:
-                raise UserError("the OWL profile sets per-layer unstructured sparsities; it cannot combine with N:M or explicit ones")
+                raise UserError(
+                    "the OWL profile sets per-layer unstructured sparsities; it cannot combine with N:M or explicit ones"
+                )
             if not 0 <= self.owl_lambda < 0.5 or self.owl_m <= 0:
                 raise UserError(f"OWL needs 0 <= lambda < 0.5 and M > 0, got lambda={self.owl_lambda}, M={self.owl_m}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
         check_mode(self.activation_offload)
         if not 0 < self.offload_threshold:
-            raise UserError(f"the offload threshold is a fraction of the available memory (> 0), got {self.offload_threshold}")
+            raise UserError(
+                f"the offload threshold is a fraction of the available memory (> 0), got {self.offload_threshold}"
+            )
         if self.refit not in REFITS:
             raise UserError(f"unknown refit {self.refit!r}: choose one of {', '.join(REFITS)}")
         if self.refit_iters < 1 or not self.refit_tol >= 0 or not self.refit_percdamp >= 0:
@@ -73,7 +77,7 @@ class PruneConfig:
                 f"the refit needs iterations >= 1, tol >= 0 and percdamp >= 0, got {self.refit_iters}, "
                 f"{self.refit_tol}, {self.refit_percdamp}"
             )
-        if self.refit == "none" and getattr(self.method, "refit_target_layers", False):
+        if self.refit == "none" and self.method.requires_refit():
             raise UserError("refitting the target layers (--refit-target-layers) needs --refit cg")
 
     def target(self, layer_index: int, num_layers: int) -> SparsityTarget:
@@ -101,6 +105,14 @@ class PruneConfig:
             "activation_offload": self.activation_offload,
             "offload_threshold": self.offload_threshold,
             # Only when on, so the records of runs without a refit stay as they were.
-            **({"refit": self.refit, "refit_iters": self.refit_iters, "refit_tol": self.refit_tol,
-                "refit_percdamp": self.refit_percdamp} if self.refit != "none" else {}),
+            **(
+                {
+                    "refit": self.refit,
+                    "refit_iters": self.refit_iters,
+                    "refit_tol": self.refit_tol,
+                    "refit_percdamp": self.refit_percdamp,
+                }
+                if self.refit != "none"
+                else {}
+            ),
         }

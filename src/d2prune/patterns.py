@@ -35,7 +35,7 @@ class Pattern:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
     @classmethod
-    def parse(cls, text: str | "Pattern") -> "Pattern":
+    def parse(cls, text: str | Pattern) -> Pattern:
         if isinstance(text, Pattern):
             return text
         text = str(text).strip().lower()

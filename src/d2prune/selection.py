@@ -3,7 +3,7 @@
 A method config lists its candidates (``MethodConfig.heldout_candidates``); each one prunes the model,
 is scored by its perplexity on held-out windows (neither calibration windows nor evaluation text),
 and the lowest wins. For D²Prune the paper tries "w/o q", "w/o k" and "w/o v" and keeps the one with
-the lowest WikiText-2 *test* perplexity (spec §1.6); we score on held-out data instead, and also try
+the lowest WikiText-2 *test* perplexity (docs/methods.md#target-layers); we score on held-out data instead, and also try
 "none" (every linear updated).
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from d2prune.api import prune
 from d2prune.config import PruneConfig
 from d2prune.engine.architecture import find_decoder_stack, find_linears
-from d2prune.engine.walk import prune
 from d2prune.errors import UserError
 from d2prune.evaluation.perplexity import evaluate_ppl
 from d2prune.methods import MethodConfig
@@ -72,6 +72,10 @@ def choose_on_heldout(
     with torch.no_grad():
         for k, w in weights.items():
             w.copy_(best[3][k])
-    record = {"chosen": best[1], "heldout_ppl": scores, "heldout_windows": int(heldout.shape[0]),
-              "heldout_seqlen": int(heldout.shape[1])}
+    record = {
+        "chosen": best[1],
+        "heldout_ppl": scores,
+        "heldout_windows": int(heldout.shape[0]),
+        "heldout_seqlen": int(heldout.shape[1]),
+    }
     return best[2], record

@@ -2,11 +2,10 @@ import pytest
 import torch
 
 import d2prune
+from conftest import build_tiny_model, make_calibration_ids
+from d2prune.allocation.owl import outlier_ratios, owl_sparsities
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
-from d2prune.allocation.owl import outlier_ratios, owl_sparsities
-
-from conftest import build_tiny_model, make_calibration_ids
 
 
 @pytest.mark.parametrize(
@@ -59,7 +58,9 @@ def test_outlier_ratios_match_brute_force_on_dense_activations():
 def test_pipeline_with_owl_profile_prunes_each_layer_to_its_sparsity(method):
     model = build_tiny_model("llama-gqa", num_hidden_layers=4)
     ids = make_calibration_ids(windows=4, tokens=16)
-    cfg = d2prune.PruneConfig(method=method, sparsity=0.6, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0, progress=False)
+    cfg = d2prune.PruneConfig(
+        method=method, sparsity=0.6, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0, progress=False
+    )
     report = d2prune.prune(model, ids, cfg)
     layer_s = report.layer_sparsities
     assert len(layer_s) == 4 and abs(sum(layer_s) / 4 - 0.6) < 1e-6

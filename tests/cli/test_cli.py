@@ -29,8 +29,23 @@ def cache(tmp_path, monkeypatch):
 @needs_assets
 def test_prune_writes_record_saves_model_that_reloads_to_same_ppl(tmp_path, cache, capsys):
     out = tmp_path / "out"
-    rc = main(["prune", str(TINY), "--method", "d2prune", "--sparsity", "0.5", "--target-layers", "self_attn.v_proj",
-               "--eval-dense", "--output-dir", str(out), "--save-model", *QUICK])
+    rc = main(
+        [
+            "prune",
+            str(TINY),
+            "--method",
+            "d2prune",
+            "--sparsity",
+            "0.5",
+            "--target-layers",
+            "self_attn.v_proj",
+            "--eval-dense",
+            "--output-dir",
+            str(out),
+            "--save-model",
+            *QUICK,
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "pruned ppl (wikitext2)" in printed and "dense ppl (wikitext2)" in printed
@@ -68,8 +83,21 @@ def test_prune_writes_record_saves_model_that_reloads_to_same_ppl(tmp_path, cach
         assert float((weight == 0).float().mean()) == pytest.approx(value)
 
     # `d2prune eval` on the saved folder reports the same number.
-    rc = main(["eval", str(out / "model"), "--seqlen", "64", "--eval-windows", "4", "--no-progress",
-               "--data-dir", str(DATA), "--output-dir", str(tmp_path / "ev")])
+    rc = main(
+        [
+            "eval",
+            str(out / "model"),
+            "--seqlen",
+            "64",
+            "--eval-windows",
+            "4",
+            "--no-progress",
+            "--data-dir",
+            str(DATA),
+            "--output-dir",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert rc == 0
     ev = json.loads((tmp_path / "ev" / "run.json").read_text())
     assert ev["perplexity"]["model"]["wikitext2"]["ppl"] == pytest.approx(pruned["ppl"], rel=1e-5)
@@ -78,10 +106,37 @@ def test_prune_writes_record_saves_model_that_reloads_to_same_ppl(tmp_path, cach
 @needs_assets
 def test_nm_pattern_and_reference_flag_aliases(tmp_path, cache):
     out_new, out_ref = tmp_path / "new", tmp_path / "ref"
-    assert main(["prune", str(TINY), "--method", "sparsegpt", "--pattern", "2:4", "--output-dir", str(out_new), *QUICK]) == 0
-    assert main(["prune", "--model", str(TINY), "--prune_method", "sparsegpt", "--sparsity_ratio", "0.5",
-                 "--sparsity_type", "2:4", "--prune_n", "2", "--prune_m", "4", "--cali_dataset", "c4",
-                 "--eval_dataset", "wikitext2", "--output_dir", str(out_ref), *QUICK]) == 0
+    assert (
+        main(["prune", str(TINY), "--method", "sparsegpt", "--pattern", "2:4", "--output-dir", str(out_new), *QUICK])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(TINY),
+                "--prune_method",
+                "sparsegpt",
+                "--sparsity_ratio",
+                "0.5",
+                "--sparsity_type",
+                "2:4",
+                "--prune_n",
+                "2",
+                "--prune_m",
+                "4",
+                "--cali_dataset",
+                "c4",
+                "--eval_dataset",
+                "wikitext2",
+                "--output_dir",
+                str(out_ref),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     new, ref = (json.loads((o / "run.json").read_text()) for o in (out_new, out_ref))
     assert new["nm_structure_ok"] is True and new["config"]["pattern"] == "2:4"
     assert new["config"] == ref["config"]
@@ -89,8 +144,22 @@ def test_nm_pattern_and_reference_flag_aliases(tmp_path, cache):
 
 
 def test_reference_target_layer_list_syntax():
-    args = build_parser().parse_args(["prune", "m", "--target_layer_names", "['self_attn.k_proj', 'self_attn.q_proj']",
-                                      "--d2_wanda", "--d2_sparsegpt", "--s", "2000", "--r1", "0.5", "--r2", "0.1"])
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "m",
+            "--target_layer_names",
+            "['self_attn.k_proj', 'self_attn.q_proj']",
+            "--d2_wanda",
+            "--d2_sparsegpt",
+            "--s",
+            "2000",
+            "--r1",
+            "0.5",
+            "--r2",
+            "0.1",
+        ]
+    )
     from d2prune.cli.method_options import method_config_from_args as _method_config
 
     cfg = _method_config(args)
@@ -102,10 +171,17 @@ def test_reference_target_layer_list_syntax():
 
 def _cli(*args, env_cache):
     proc = subprocess.run(
-        [sys.executable, "-m", "d2prune", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "d2prune", *args],
+        capture_output=True,
+        text=True,
         # PYTHONPATH: this checkout's package, not whichever one is installed.
-        env={"D2PRUNE_CACHE": str(env_cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-             "PYTHONPATH": str(ROOT / "src")}, timeout=300,
+        env={
+            "D2PRUNE_CACHE": str(env_cache),
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT / "src"),
+        },
+        timeout=300,
     )
     return proc.returncode, proc.stderr
 
@@ -121,7 +197,10 @@ def _cli(*args, env_cache):
         (["prune", str(TINY), "--method", "obs"], "unknown method"),
         (["prune", str(TINY), "--target-layers", "self_attn.z_proj", *QUICK], "self_attn.z_proj"),
         (["prune", str(TINY), "--calib", "/no/such/file.jsonl", *QUICK], "/no/such/file.jsonl"),
-        (["prune", str(TINY), "--nsamples", "2", "--seqlen", "100000", "--no-progress", "--data-dir", str(DATA)], "windows"),
+        (
+            ["prune", str(TINY), "--nsamples", "2", "--seqlen", "100000", "--no-progress", "--data-dir", str(DATA)],
+            "windows",
+        ),
         (["prune", str(TINY), "--frobnicate"], "unrecognized arguments"),
         (["prune", str(TINY), "--refit", "lsq"], "invalid choice"),
         (["prune", str(TINY), "--refit-target-layers", *QUICK], "needs --refit cg"),
@@ -148,9 +227,33 @@ def _smollm2_available() -> bool:
 def test_smoke_smollm2_d2prune_half(tmp_path):
     """The real model, small calibration: every decoder linear 0.50 ± 0.005, finite perplexity."""
     out = tmp_path / "out"
-    assert main(["prune", "smollm2-135m", "--method", "d2prune", "--sparsity", "0.5", "--target-layers",
-                 "self_attn.v_proj", "--nsamples", "4", "--seqlen", "128", "--eval-windows", "2",
-                 "--no-progress", "--no-measure-error", "--data-dir", str(DATA), "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "smollm2-135m",
+                "--method",
+                "d2prune",
+                "--sparsity",
+                "0.5",
+                "--target-layers",
+                "self_attn.v_proj",
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "128",
+                "--eval-windows",
+                "2",
+                "--no-progress",
+                "--no-measure-error",
+                "--data-dir",
+                str(DATA),
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "run.json").read_text())
     assert len(rec["linears"]) == 30 * 7
     assert all(abs(lin["sparsity"] - 0.5) <= 0.005 for lin in rec["linears"])
@@ -183,8 +286,28 @@ def test_refit_from_cli_records_errors_before_and_after(tmp_path, cache, capsys)
 @needs_assets
 def test_owl_profile_and_explicit_layer_sparsities_from_cli(tmp_path, cache):
     out = tmp_path / "owl"
-    assert main(["prune", str(TINY), "--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl",
-                 "--owl-lambda", "0.1", "--owl-m", "3", "--output-dir", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.6",
+                "--sparsity-profile",
+                "owl",
+                "--owl-lambda",
+                "0.1",
+                "--owl-m",
+                "3",
+                "--output-dir",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "run.json").read_text())
     layer_s = rec["layer_sparsities"]
     assert len(layer_s) == 4 and abs(sum(layer_s) / 4 - 0.6) < 1e-6 and len(rec["outlier_ratios"]) == 4
@@ -192,8 +315,22 @@ def test_owl_profile_and_explicit_layer_sparsities_from_cli(tmp_path, cache):
     listing = tmp_path / "layers.json"
     listing.write_text("[0.2, 0.4, 0.6, 0.8]")
     out2 = tmp_path / "explicit"
-    assert main(["prune", str(TINY), "--method", "magnitude", "--layer-sparsities", str(listing),
-                 "--output-dir", str(out2), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "magnitude",
+                "--layer-sparsities",
+                str(listing),
+                "--output-dir",
+                str(out2),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     rec2 = json.loads((out2 / "run.json").read_text())
     assert rec2["layer_sparsities"] == [0.2, 0.4, 0.6, 0.8]
     by_layer = {lin["layer"]: lin["sparsity"] for lin in rec2["linears"] if lin["name"].endswith("q_proj")}
@@ -203,11 +340,43 @@ def test_owl_profile_and_explicit_layer_sparsities_from_cli(tmp_path, cache):
 @needs_assets
 def test_attention_subcommand_writes_json_and_plot(tmp_path, cache, capsys):
     out = tmp_path / "pruned"
-    assert main(["prune", str(TINY), "--method", "magnitude", "--output-dir", str(out), "--save-model", "--eval", "none",
-                 *QUICK]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "magnitude",
+                "--output-dir",
+                str(out),
+                "--save-model",
+                "--eval",
+                "none",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     att = tmp_path / "att"
-    assert main(["attention", str(TINY), str(out / "model"), "--output-dir", str(att), "--windows", "2",
-                 "--seqlen", "32", "--no-progress", "--data-dir", str(DATA)]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                str(TINY),
+                str(out / "model"),
+                "--output-dir",
+                str(att),
+                "--windows",
+                "2",
+                "--seqlen",
+                "32",
+                "--no-progress",
+                "--data-dir",
+                str(DATA),
+            ]
+        )
+        == 0
+    )
     rec = json.loads((att / "attention.json").read_text())
     assert len(rec["result"]["layers"]) == 4 and rec["result"]["mean"]["rmse"] > 0
     assert (att / "attention.png").stat().st_size > 1000
@@ -220,11 +389,31 @@ def test_pruner_zero_from_cli_with_gradient_cache_and_source(tmp_path, cache):
     runs = []
     for i in range(2):
         out = tmp_path / f"pz{i}"
-        assert main(["prune", str(TINY), "--method", "pruner-zero", "--sparsity", "0.5", "--gradient-cache",
-                     str(grad_file), "--gradient-source", str(DATA / "ptb" / "ptb.valid.txt"), "--output-dir", str(out), *QUICK]) == 0
+        assert (
+            main(
+                [
+                    "prune",
+                    str(TINY),
+                    "--method",
+                    "pruner-zero",
+                    "--sparsity",
+                    "0.5",
+                    "--gradient-cache",
+                    str(grad_file),
+                    "--gradient-source",
+                    str(DATA / "ptb" / "ptb.valid.txt"),
+                    "--output-dir",
+                    str(out),
+                    *QUICK,
+                ]
+            )
+            == 0
+        )
         runs.append(json.loads((out / "run.json").read_text()))
     assert grad_file.exists()
-    assert runs[0]["config"]["method"]["gradients"] == "computed" and runs[1]["config"]["method"]["gradients"] == "cache"
+    assert (
+        runs[0]["config"]["method"]["gradients"] == "computed" and runs[1]["config"]["method"]["gradients"] == "cache"
+    )
     assert runs[0]["config"]["method"]["gradient_source"].startswith("separate token ids")
     assert runs[0]["perplexity"]["pruned"] == runs[1]["perplexity"]["pruned"]
     assert all(abs(lin["sparsity"] - 0.5) < 1e-9 for lin in runs[0]["linears"])
@@ -234,8 +423,27 @@ def test_pruner_zero_from_cli_with_gradient_cache_and_source(tmp_path, cache):
 def test_zero_shot_from_cli_on_shared_task_data(tmp_path, cache):
     pytest.importorskip("lm_eval")
     out = tmp_path / "zs"
-    assert main(["eval", str(TINY), "--eval", "none", "--zero-shot", "--tasks", "boolq,arc_easy", "--limit", "3",
-                 "--no-progress", "--data-dir", str(DATA), "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(TINY),
+                "--eval",
+                "none",
+                "--zero-shot",
+                "--tasks",
+                "boolq,arc_easy",
+                "--limit",
+                "3",
+                "--no-progress",
+                "--data-dir",
+                str(DATA),
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     zs = json.loads((out / "run.json").read_text())["zero_shot"]
     assert zs["boolq"]["metric"] == "acc" and zs["arc_easy"]["metric"] == "acc_norm"
     assert zs["boolq"]["n"] == 3 and 0 <= zs["arc_easy"]["value"] <= 1

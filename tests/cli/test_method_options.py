@@ -14,23 +14,70 @@ from d2prune.methods import METHODS, MethodConfig
 # The command line's defaults before the options were generated (commit 91140e6): a run without a
 # flag must still get exactly these values, now from the dataclass defaults (or a "cli_default").
 CLI_DEFAULTS = {
-    "--s": 1500.0, "--auto-s": False, "--r1": 1.0, "--r2": 0.0, "--d2-wanda": True, "--d2-sparsegpt": True,
-    "--stats-mode": "mean", "--wanda-x-exponent": 1.0, "--percdamp": 0.01, "--blocksize": 128,
-    "--alps-rho": 0.1, "--alps-iters": 300, "--alps-cg-iters": 10, "--ria-a": 0.5, "--ria-group": "linear",
-    "--ria-permute": False, "--refit-target-layers": False, "--dsnot-base": "wanda", "--dsnot-cycles": 50,
-    "--dsnot-threshold": 0.1, "--dsnot-gamma": 1.0,
+    "--s": 1500.0,
+    "--auto-s": False,
+    "--r1": 1.0,
+    "--r2": 0.0,
+    "--d2-wanda": True,
+    "--d2-sparsegpt": True,
+    "--stats-mode": "mean",
+    "--wanda-x-exponent": 1.0,
+    "--percdamp": 0.01,
+    "--blocksize": 128,
+    "--alps-rho": 0.1,
+    "--alps-iters": 300,
+    "--alps-cg-iters": 10,
+    "--ria-a": 0.5,
+    "--ria-group": "linear",
+    "--ria-permute": False,
+    "--refit-target-layers": False,
+    "--dsnot-base": "wanda",
+    "--dsnot-cycles": 50,
+    "--dsnot-threshold": 0.1,
+    "--dsnot-gamma": 1.0,
     # Passed only when given, then and now: the dataclass default applies.
-    "--target-layers": ["self_attn.k_proj"], "--dsnot-skip": ["mlp", "fc1", "fc2"], "--gradient-cache": None,
+    "--target-layers": ["self_attn.k_proj"],
+    "--dsnot-skip": ["mlp", "fc1", "fc2"],
+    "--gradient-cache": None,
     "--gradient-source": None,
 }
 # Every method flag spelling of 91140e6, aliases and --no- forms included.
 FLAGS = {
-    "--s", "--auto-s", "--auto_s", "--r1", "--r2", "--target-layers", "--target_layer_names", "--d2-wanda",
-    "--no-d2-wanda", "--d2_wanda", "--no-d2_wanda", "--d2-sparsegpt", "--no-d2-sparsegpt", "--d2_sparsegpt",
-    "--no-d2_sparsegpt", "--stats-mode", "--wanda-x-exponent", "--percdamp", "--blocksize", "--alps-rho",
-    "--alps-iters", "--alps-cg-iters", "--ria-a", "--ria-group", "--ria-permute", "--refit-target-layers",
-    "--dsnot-base", "--dsnot-cycles", "--dsnot-threshold", "--dsnot-gamma", "--dsnot-skip", "--gradient-source",
-    "--gradient-cache", "--method", "--prune_method",
+    "--s",
+    "--auto-s",
+    "--auto_s",
+    "--r1",
+    "--r2",
+    "--target-layers",
+    "--target_layer_names",
+    "--d2-wanda",
+    "--no-d2-wanda",
+    "--d2_wanda",
+    "--no-d2_wanda",
+    "--d2-sparsegpt",
+    "--no-d2-sparsegpt",
+    "--d2_sparsegpt",
+    "--no-d2_sparsegpt",
+    "--stats-mode",
+    "--wanda-x-exponent",
+    "--percdamp",
+    "--blocksize",
+    "--alps-rho",
+    "--alps-iters",
+    "--alps-cg-iters",
+    "--ria-a",
+    "--ria-group",
+    "--ria-permute",
+    "--refit-target-layers",
+    "--dsnot-base",
+    "--dsnot-cycles",
+    "--dsnot-threshold",
+    "--dsnot-gamma",
+    "--dsnot-skip",
+    "--gradient-source",
+    "--gradient-cache",
+    "--method",
+    "--prune_method",
 }
 
 
@@ -78,16 +125,30 @@ def test_every_flag_spelling_of_before_is_accepted_once():
 
 
 def test_generated_flags_default_to_none_and_reach_the_method():
-    args = build_parser().parse_args(["prune", "m", "--method", "dsnot", "--dsnot-base", "sparsegpt", "--percdamp",
-                                      "0.02", "--dsnot-skip", "none", "--no-d2_wanda"])
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "m",
+            "--method",
+            "dsnot",
+            "--dsnot-base",
+            "sparsegpt",
+            "--percdamp",
+            "0.02",
+            "--dsnot-skip",
+            "none",
+            "--no-d2_wanda",
+        ]
+    )
     assert args.s is None and args.d2_wanda is False
     config = method_config_from_args(args)
     assert config.skip == [] and config.base.percdamp == 0.02 and config.base.blocksize == 128
 
 
 def test_method_name_fields_build_their_method_from_the_same_options():
-    args = build_parser().parse_args(["prune", "m", "--method", "dsnot", "--dsnot-base", " D2Prune ", "--s", "7",
-                                      "--refit-target-layers"])
+    args = build_parser().parse_args(
+        ["prune", "m", "--method", "dsnot", "--dsnot-base", " D2Prune ", "--s", "7", "--refit-target-layers"]
+    )
     config = method_config_from_args(args)
     assert config.base.name == "d2prune" and config.base.s == 7.0 and config.base.refit_target_layers
     with pytest.raises(UserError, match="unknown --dsnot-base 'obs'"):
@@ -95,14 +156,20 @@ def test_method_name_fields_build_their_method_from_the_same_options():
 
 
 def test_only_for_and_heldout_values_name_the_methods_that_have_them():
-    with pytest.raises(UserError, match="^--refit-target-layers applies to methods with no-update target layers, not to wanda$"):
+    with pytest.raises(
+        UserError, match="^--refit-target-layers applies to methods with no-update target layers, not to wanda$"
+    ):
         method_config_from_args(build_parser().parse_args(["prune", "m", "--method", "wanda", "--refit-target-layers"]))
     from d2prune.cli.method_options import check_heldout_request, heldout_request
 
     args = build_parser().parse_args(["prune", "m", "--method", "alps", "--target_layer_names", "auto"])
     assert heldout_request(args) == "--target-layers auto"
-    with pytest.raises(UserError, match=re.escape(
-            "--target-layers auto applies to methods with un-updated projections (d2prune, d2alps), not to alps")):
+    with pytest.raises(
+        UserError,
+        match=re.escape(
+            "--target-layers auto applies to methods with un-updated projections (d2prune, d2alps), not to alps"
+        ),
+    ):
         check_heldout_request(args, method_config_from_args(args))
     auto = method_config_from_args(build_parser().parse_args(["prune", "m", "--target-layers", "auto"]))
     assert auto.chooses_on_heldout() and auto.heldout_record_key == "target_search"

@@ -131,9 +131,7 @@ def test_windows_are_slices_of_long_documents(tok, tmp_path):
     long_docs = [ids for ids in tokenized if len(ids) > SEQLEN]
     assert long_docs and len(long_docs) < len(docs)  # the fixture has both kinds
     for w in windows.tolist():
-        found = any(
-            ids[s : s + SEQLEN] == w for ids in long_docs for s in range(0, len(ids) - SEQLEN)
-        )
+        found = any(ids[s : s + SEQLEN] == w for ids in long_docs for s in range(0, len(ids) - SEQLEN))
         assert found, "window is not a contiguous slice of a document longer than seqlen"
 
 
@@ -238,8 +236,11 @@ def test_cache_hit_and_key_changes(tok, tmp_path, monkeypatch):
     assert torch.equal(first, again)
     monkeypatch.setattr(tokens, "load_corpus", real_load)
 
-    variants = [dict(nsamples=7, seqlen=SEQLEN, seed=0), dict(nsamples=6, seqlen=SEQLEN + 8, seed=0),
-                dict(nsamples=6, seqlen=SEQLEN, seed=1)]
+    variants = [
+        dict(nsamples=7, seqlen=SEQLEN, seed=0),
+        dict(nsamples=6, seqlen=SEQLEN + 8, seed=0),
+        dict(nsamples=6, seqlen=SEQLEN, seed=1),
+    ]
     for i, kw in enumerate(variants, start=2):
         got = data.get_calibration(tok, str(path), cache_dir=cache, **kw)
         assert torch.equal(got, data.get_calibration(tok, str(path), cache_dir=False, **kw))
@@ -282,8 +283,11 @@ def test_eval_tokens_plain_and_docs(tok, tmp_path):
 
     docs = make_docs(5)
     want = tok("\n\n".join(docs), return_tensors="pt").input_ids
-    for src in (write_jsonl(tmp_path / "e.jsonl", docs), write_parquet(tmp_path / "e.parquet", docs),
-                write_hf_disk(tmp_path / "e_hf", docs, dict_split="test")):
+    for src in (
+        write_jsonl(tmp_path / "e.jsonl", docs),
+        write_parquet(tmp_path / "e.parquet", docs),
+        write_hf_disk(tmp_path / "e_hf", docs, dict_split="test"),
+    ):
         assert torch.equal(data.get_eval_tokens(tok, str(src), cache_dir=False), want), src.name
 
 
@@ -353,8 +357,11 @@ def test_source_info_and_data_dir(tmp_path, monkeypatch):
     docs = make_docs(3)
     path = write_jsonl(tmp_path / "x.jsonl", docs)
     info = data.source_info(str(path), None)
-    assert info == {"source": str(path), "path": str(path.resolve()),
-                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert info == {
+        "source": str(path),
+        "path": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
 
     folder = write_hf_disk(tmp_path / "hf", docs)
     sha1 = data.source_info(str(folder), None)["sha256"]

@@ -182,13 +182,15 @@ def main(out: Path, scenario: str) -> None:
         for label, user_error in (("user_error", True), ("runtime_error", False)):
             config = d2prune.PruneConfig(method=_FailingConfig(user_error=user_error), progress=False)
             model = build_tiny_model("llama-gqa", seed=0)
-            seen[label] = _outcome(lambda: d2prune.prune(model, make_calibration_ids(WINDOWS, TOKENS), config))
+            seen[label] = _outcome(lambda m=model, c=config: d2prune.prune(m, make_calibration_ids(WINDOWS, TOKENS), c))
         (out / f"errors.rank{world.rank}.json").write_text(json.dumps(seen))
     elif scenario == "hang":
         if world.rank == 1:
             time.sleep(HANG_TIMEOUT_S + 8)  # alive but silent, past rank 0's timeout
             return
-        seen = _outcome(lambda: d2prune.prune(model, make_calibration_ids(WINDOWS, TOKENS), d2prune.PruneConfig(progress=False)))
+        seen = _outcome(
+            lambda: d2prune.prune(model, make_calibration_ids(WINDOWS, TOKENS), d2prune.PruneConfig(progress=False))
+        )
         (out / f"hang.rank{world.rank}.json").write_text(json.dumps(seen))
     elif scenario == "streamed":
         (out / f"streamed.rank{world.rank}.json").write_text(json.dumps(streamed(out, world.rank)))

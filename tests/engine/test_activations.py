@@ -41,10 +41,16 @@ def test_ranks_share_a_folder_with_their_own_files(tmp_path):
         acts.allocate((2 + r, 4, 5), torch.float32)
         acts.inps[:] = r
     assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == [
-        "activations-0.rank0.bin", "activations-0.rank1.bin", "activations-1.rank0.bin", "activations-1.rank1.bin",
+        "activations-0.rank0.bin",
+        "activations-0.rank1.bin",
+        "activations-1.rank0.bin",
+        "activations-1.rank1.bin",
     ]
     ranks[0].close(delete=True)
-    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == ["activations-0.rank1.bin", "activations-1.rank1.bin"]
+    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == [
+        "activations-0.rank1.bin",
+        "activations-1.rank1.bin",
+    ]
     assert torch.equal(ranks[1].inps, torch.ones(3, 4, 5))
     # One process (rank None) never takes a rank's files for its own.
     assert not Activations("disk", torch.device("cpu"), tmp_path / "acts").reopen((3, 4, 5), torch.float32, 0)

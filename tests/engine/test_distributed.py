@@ -1,7 +1,7 @@
 """Data-parallel calibration on torch.distributed (gloo on CPU): 1 vs 2 ranks give the same pruning,
 and a failing or silent rank ends every rank with a clear error instead of a hang.
 
-Tolerance (README "Several GPUs or machines"): masks identical; each pruned linear's weights within
+Tolerance (docs/distributed.md#agreement): masks identical; each pruned linear's weights within
 1e-5 relative (‖ΔW‖ ≤ 1e-5·‖W‖, in the max and the Frobenius norm). Float32 sums that ranks add up in
 another order (Grams, Pruner-Zero's squared gradients) differ by reassociation only; per-element
 relative differences of OBS-updated weights near zero are larger and not meaningful. Statistics
@@ -47,8 +47,17 @@ def _free_port() -> int:
 def _rank_env(rank: int, size: int, port: int, **extra: str) -> dict[str, str]:
     """What torchrun gives each rank, plus one thread (the machine has two cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
-    env.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
     return env
 
 
@@ -56,8 +65,13 @@ def _spawn(args_per_rank: list[list[str]], env_per_rank: list[dict] | None = Non
     port = _free_port()
     size = len(args_per_rank)
     return [
-        subprocess.Popen(args, env=_rank_env(r, size, port, **((env_per_rank or [{}] * size)[r])),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            args,
+            env=_rank_env(r, size, port, **((env_per_rank or [{}] * size)[r])),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r, args in enumerate(args_per_rank)
     ]
 
@@ -212,20 +226,26 @@ def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, meas
     monkeypatch.setattr(distributed, "current", lambda: RankZeroOfTwo(rank=0, size=2))
     made: list[bool] = []
     for cls in (Gram, engine_layer._LastUseGram):
+
         def hessian(self, original=cls.hessian):
             made.append(any(t is self.sum for t in reduced))  # already summed over the ranks?
             return original(self)
 
         monkeypatch.setattr(cls, "hessian", hessian)
     model = build_tiny_model("llama-gqa")
-    d2prune.prune(model, make_calibration_ids(4, 16), d2prune.PruneConfig(
-        method="sparsegpt", batch_size=2, measure_error=measure_error, progress=False))
+    d2prune.prune(
+        model,
+        make_calibration_ids(4, 16),
+        d2prune.PruneConfig(method="sparsegpt", batch_size=2, measure_error=measure_error, progress=False),
+    )
     grams = [t for t in reduced if t.dim() == 2 and t.shape[0] == t.shape[1]]
     layers = model.config.num_hidden_layers
     assert len(grams) == 4 * layers  # q/k/v, o, gate/up, down: one Gram each
     assert len({id(t) for t in grams}) == len(grams)  # none summed twice
-    owned = sum(owner == 0 for owner in distributed.assign(
-        {n: p.work() for n, p in _sparsegpt_pruners(model).items()}, 2).values())
+    owned = sum(
+        owner == 0
+        for owner in distributed.assign({n: p.work() for n, p in _sparsegpt_pruners(model).items()}, 2).values()
+    )
     assert made and all(made) and len(made) == owned * layers  # rank 0's linears only
 
 
@@ -281,7 +301,8 @@ def test_two_ranks_prune_like_one_process(two_ranks, case):
     assert [e is None for e in two["errors_before_refit"]] == [e is None for e in before]
     assert any(e is not None for e in before) == case.endswith("refit")
     assert [e for e in two["errors_before_refit"] if e is not None] == pytest.approx(
-        [e for e in before if e is not None], rel=1e-4, abs=1e-9)
+        [e for e in before if e is not None], rel=1e-4, abs=1e-9
+    )
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(two_ranks):
@@ -359,11 +380,18 @@ def test_two_ranks_stream_from_disk_like_one_process_and_only_rank_0_writes(stre
     # During the run each rank had its own activation files in the work folder; rank 0 alone wrote
     # the shards and the progress record. The output holds none of the activation files.
     layer0 = json.loads((out / "full" / "model.safetensors.index.json").read_text())["weight_map"][
-        "model.layers.0.self_attn.q_proj.weight"]
-    assert seen[0]["work_files"] == sorted([
-        "activations-0.rank0.bin", "activations-0.rank1.bin", "activations-1.rank0.bin", "activations-1.rank1.bin",
-        layer0, "progress.json",
-    ])
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
+    assert seen[0]["work_files"] == sorted(
+        [
+            "activations-0.rank0.bin",
+            "activations-0.rank1.bin",
+            "activations-1.rank0.bin",
+            "activations-1.rank1.bin",
+            layer0,
+            "progress.json",
+        ]
+    )
     assert "work_files" not in seen[1]
     assert not list((out / "full").glob(PATTERN)) and not (out / ".full.partial").exists()
     # Perplexity layer by layer with the windows split over the ranks: the one-process numbers.
@@ -389,8 +417,9 @@ def test_resume_is_refused_under_torchrun_and_one_process_continues_the_run(stre
 
     ids = make_calibration_ids(distributed_worker.WINDOWS, distributed_worker.TOKENS)
     capsys.readouterr()
-    report, target = prune_checkpoint(out / "src", ids, distributed_worker.streamed_config(), out / "interrupted",
-                                      resume=True)
+    report, target = prune_checkpoint(
+        out / "src", ids, distributed_worker.streamed_config(), out / "interrupted", resume=True
+    )
     assert "ran on 2 ranks (torchrun), this one on 1" in capsys.readouterr().err
     assert report.resumed_at_layer == 2 and report.overall_sparsity == 0.5
     assert "resume_forward" in report.timings  # the ranks' activation files are not this process's
@@ -413,8 +442,22 @@ def token_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token_cache")
 
 
-CLI = ["prune", str(TINY), "--method", "sparsegpt", "--nsamples", "4", "--seqlen", "64", "--eval-windows", "4",
-       "--no-progress", "--data-dir", str(DATA), "--save-model"]
+CLI = [
+    "prune",
+    str(TINY),
+    "--method",
+    "sparsegpt",
+    "--nsamples",
+    "4",
+    "--seqlen",
+    "64",
+    "--eval-windows",
+    "4",
+    "--no-progress",
+    "--data-dir",
+    str(DATA),
+    "--save-model",
+]
 
 
 @needs_assets
@@ -426,9 +469,25 @@ def test_torchrun_prune_matches_one_process_and_only_rank_0_writes(tmp_path, tok
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "D2PRUNE_CACHE": str(token_cache)}
     out2 = tmp_path / "two"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "d2prune", *CLI, "--output-dir", str(out2), "--dist-timeout", "60"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "d2prune",
+            *CLI,
+            "--output-dir",
+            str(out2),
+            "--dist-timeout",
+            "60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("run record:") == 1  # one table, rank 0's
@@ -461,10 +520,29 @@ def test_torchrun_streamed_prune_matches_one_process(tmp_path, token_cache, monk
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "D2PRUNE_CACHE": str(token_cache)}
     out2 = tmp_path / "two"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "d2prune", *CLI, "--output-dir", str(out2), "--dist-timeout", "60", "--offload", "disk",
-         "--activation-offload", "disk"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "d2prune",
+            *CLI,
+            "--output-dir",
+            str(out2),
+            "--dist-timeout",
+            "60",
+            "--offload",
+            "disk",
+            "--activation-offload",
+            "disk",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("run record:") == 1
@@ -507,8 +585,10 @@ def test_resume_under_torchrun_is_a_one_line_error(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(distributed, "current", lambda: distributed.World(rank=0, size=2))
     assert main(["prune", str(tmp_path / "model"), "--resume", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err == "d2prune: error: --resume cannot run under torchrun: resume the interrupted run in one process " \
-                  "(without torchrun)\n"
+    assert (
+        err == "d2prune: error: --resume cannot run under torchrun: resume the interrupted run in one process "
+        "(without torchrun)\n"
+    )
 
 
 def test_one_process_commands_refuse_torchrun(monkeypatch, capsys):

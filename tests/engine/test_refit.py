@@ -3,7 +3,6 @@ the walk): brute-force references on small float64 problems, then end to end on 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -11,13 +10,13 @@ import d2prune
 from conftest import build_tiny_model, make_calibration_ids
 from d2prune.engine import layer as engine_layer
 from d2prune.engine.architecture import find_decoder_stack, find_linears
-from d2prune.report import LinearReport, PruneReport
 from d2prune.errors import UserError
 from d2prune.methods import D2PruneConfig
 from d2prune.methods.base import LinearPruner
 from d2prune.methods.d2prune import D2WandaPruner
 from d2prune.methods.least_squares import damp_hessian, masked_pcg, reconstruction_error, refit_on_support, row_errors
 from d2prune.patterns import nm_mask
+from d2prune.report import LinearReport, PruneReport
 
 # --------------------------------------------------------------------------------------------------
 # the solver against brute force
@@ -215,8 +214,11 @@ def _run(method, ids, key="llama-gqa", **kw):
     model = build_tiny_model(key)
     report = d2prune.prune(model, ids, d2prune.PruneConfig(method=method, progress=False, batch_size=2, **kw))
     stack = find_decoder_stack(model)
-    weights = {f"{i}.{n}": lin.weight.detach().clone() for i, layer in enumerate(stack.layers)
-               for n, lin in find_linears(layer).items()}
+    weights = {
+        f"{i}.{n}": lin.weight.detach().clone()
+        for i, layer in enumerate(stack.layers)
+        for n, lin in find_linears(layer).items()
+    }
     return model, report, weights
 
 

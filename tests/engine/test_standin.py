@@ -63,8 +63,19 @@ def test_the_walk_starts_where_asked_and_reports_each_layer_done():
     report = d2prune.PruneReport(config={})
     timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
     done: list[int] = []
-    prune_layers(model, batches, config.method, targets, config, report, timings, store=LayerStore(),
-                 executor=executor, start=1, on_layer_done=lambda i, acts: done.append(i))
+    prune_layers(
+        model,
+        batches,
+        config.method,
+        targets,
+        config,
+        report,
+        timings,
+        store=LayerStore(),
+        executor=executor,
+        start=1,
+        on_layer_done=lambda i, acts: done.append(i),
+    )
     assert done == list(range(1, len(stack.layers)))
     assert "resume_forward" in timings
     for a, b in zip(model.parameters(), full.parameters()):

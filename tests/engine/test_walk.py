@@ -162,7 +162,9 @@ def test_layer_statistics_see_pruned_output_of_previous_layer(key):
         model = build_tiny_model(key)
         dense = copy.deepcopy(model)
         ids = make_calibration_ids(windows=6, tokens=16)
-        d2prune.prune(model, ids, d2prune.PruneConfig(method="test-recording", sparsity=0.5, batch_size=4, progress=False))
+        d2prune.prune(
+            model, ids, d2prune.PruneConfig(method="test-recording", sparsity=0.5, batch_size=4, progress=False)
+        )
     finally:
         d2prune.METHODS.pop("test-recording", None)
     assert "test-recording" not in d2prune.METHODS
@@ -314,7 +316,10 @@ def test_calibration_as_list_of_batches_or_dicts_equals_tensor():
     forms = {
         "tensor": ids,
         "list": [ids[:3], ids[3:]],
-        "dicts": [{"input_ids": ids[:3], "attention_mask": torch.ones(3, 16, dtype=torch.long)}, {"input_ids": ids[3:]}],
+        "dicts": [
+            {"input_ids": ids[:3], "attention_mask": torch.ones(3, 16, dtype=torch.long)},
+            {"input_ids": ids[3:]},
+        ],
     }
     results = {}
     for form, calibration in forms.items():
@@ -392,7 +397,9 @@ def real_model_runs():
     runs = {}
     for method in METHODS:
         model = copy.deepcopy(dense)
-        report = d2prune.prune(model, calibration, d2prune.PruneConfig(method=method, sparsity=0.5, batch_size=4, progress=False))
+        report = d2prune.prune(
+            model, calibration, d2prune.PruneConfig(method=method, sparsity=0.5, batch_size=4, progress=False)
+        )
         with torch.no_grad():
             loss = model(held_out, labels=held_out).loss.item()
         runs[method] = (model, report, loss)
@@ -436,8 +443,15 @@ def test_mixed_attention_types_get_their_own_masks():
     import transformers
 
     config = transformers.Qwen2Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_sliding_window=True,
+        sliding_window=4,
         max_window_layers=1,
     )
     assert len(set(config.layer_types)) == 2
@@ -464,7 +478,9 @@ def test_mixed_attention_types_get_their_own_masks():
 
     d2prune.methods.register(RecordingConfig)
     try:
-        d2prune.prune(model, ids, d2prune.PruneConfig(method="test-recording-mixed", sparsity=0.0, batch_size=2, progress=False))
+        d2prune.prune(
+            model, ids, d2prune.PruneConfig(method="test-recording-mixed", sparsity=0.0, batch_size=2, progress=False)
+        )
     finally:
         d2prune.METHODS.pop("test-recording-mixed")
     with torch.no_grad():

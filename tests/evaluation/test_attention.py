@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 import d2prune
+from conftest import ARCH_KEYS, SHARED, build_tiny_model, make_calibration_ids
 from d2prune.engine.architecture import find_decoder_stack
+from d2prune.errors import UserError
 from d2prune.evaluation.attention import (
     METRICS,
     attention_diagnostics,
@@ -21,9 +23,6 @@ from d2prune.evaluation.attention import (
     plot_attention_diagnostics,
     run_attention,
 )
-from d2prune.errors import UserError
-
-from conftest import ARCH_KEYS, SHARED, build_tiny_model, make_calibration_ids
 
 AIDREAMS = SHARED / "models" / "aidreams260K"
 needs_aidreams = pytest.mark.skipif(not (AIDREAMS / "config.json").is_file(), reason=f"{AIDREAMS} missing")
@@ -37,12 +36,18 @@ def _windows(n: int = 3, t: int = T, seed: int = 7) -> torch.Tensor:
 
 
 def _attn_impls(model) -> list:
-    return [m.config._attn_implementation for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    return [
+        m.config._attn_implementation
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+    ]
 
 
 def _magnitude_pruned(model):
     pruned = copy.deepcopy(model)
-    d2prune.prune(pruned, make_calibration_ids(2, 8), d2prune.PruneConfig(method="magnitude", sparsity=0.5, progress=False))
+    d2prune.prune(
+        pruned, make_calibration_ids(2, 8), d2prune.PruneConfig(method="magnitude", sparsity=0.5, progress=False)
+    )
     return pruned
 
 
@@ -318,8 +323,15 @@ def test_run_attention_writes_json_and_png(tmp_path):
     data = _text_file(tmp_path)
     out = tmp_path / "out"
     res = run_attention(
-        str(AIDREAMS), str(pruned), out, data_source=str(data), nwindows=4, seqlen=32, top_k=4,
-        progress=False, cache_dir=False,
+        str(AIDREAMS),
+        str(pruned),
+        out,
+        data_source=str(data),
+        nwindows=4,
+        seqlen=32,
+        top_k=4,
+        progress=False,
+        cache_dir=False,
     )
     assert res["n_windows"] == 4 and res["seqlen"] == 32 and len(res["layers"]) == 4
     assert all(row["rmse"] > 0 and row["kl"] > 0 for row in res["layers"])
@@ -336,7 +348,13 @@ def test_run_attention_rejects_other_tokenizer(tmp_path):
     pruned = _save_pruned(tmp_path, extra_tokens=("zzzqqq",))
     with pytest.raises(UserError, match="tokenizer"):
         run_attention(
-            str(AIDREAMS), str(pruned), tmp_path / "out", data_source=str(_text_file(tmp_path)),
-            nwindows=2, seqlen=16, progress=False, cache_dir=False,
+            str(AIDREAMS),
+            str(pruned),
+            tmp_path / "out",
+            data_source=str(_text_file(tmp_path)),
+            nwindows=2,
+            seqlen=16,
+            progress=False,
+            cache_dir=False,
         )
     assert not (tmp_path / "out" / "attention.json").exists()

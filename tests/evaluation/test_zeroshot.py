@@ -34,32 +34,68 @@ BOOLQ = [
 ]
 RTE = [
     {"premise": "A dog ran across the park.", "hypothesis": "An animal ran.", "label": "entailment", "idx": 0},
-    {"premise": "The shop is closed on Sunday.", "hypothesis": "The shop opens on Sunday.", "label": "not_entailment", "idx": 1},
+    {
+        "premise": "The shop is closed on Sunday.",
+        "hypothesis": "The shop opens on Sunday.",
+        "label": "not_entailment",
+        "idx": 1,
+    },
     {"premise": "Tom bought a red car.", "hypothesis": "Tom owns a car.", "label": "entailment", "idx": 2},
 ]
 HELLASWAG = [  # llama.cpp layout: "<activity>: <ctx>", gold, four endings
-    ("Roof shingle removal: A man is sitting on a roof. he", 3,
-     ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
-      "starts pulling up roofing on a roof."]),
-    ("Home and Garden: How to clean a sink. Rinse the sink with warm water.", 0,
-     ["Scrub it with soap.", "Paint the sink red.", "Eat the sponge.", "Throw the sink away."]),
-    ("High jump: A boy is running down a track. the boy", 1,
-     ["eats a sandwich.", "jumps over the bar.", "sits down.", "sings a song."]),
+    (
+        "Roof shingle removal: A man is sitting on a roof. he",
+        3,
+        [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+    ),
+    (
+        "Home and Garden: How to clean a sink. Rinse the sink with warm water.",
+        0,
+        ["Scrub it with soap.", "Paint the sink red.", "Eat the sponge.", "Throw the sink away."],
+    ),
+    (
+        "High jump: A boy is running down a track. the boy",
+        1,
+        ["eats a sandwich.", "jumps over the bar.", "sits down.", "sings a song."],
+    ),
 ]
 WINOGRANDE = [
-    {"qID": "a-1", "sentence": "Sarah was a better surgeon than Maria so _ got the harder cases.", "option1": "Sarah",
-     "option2": "Maria", "answer": "1"},
-    {"qID": "a-2", "sentence": "The cup did not fit in the box because _ was too big.", "option1": "the cup",
-     "option2": "the box", "answer": "1"},
-    {"qID": "a-3", "sentence": "Ann gave Beth a gift because _ had a birthday.", "option1": "Ann", "option2": "Beth",
-     "answer": "2"},
+    {
+        "qID": "a-1",
+        "sentence": "Sarah was a better surgeon than Maria so _ got the harder cases.",
+        "option1": "Sarah",
+        "option2": "Maria",
+        "answer": "1",
+    },
+    {
+        "qID": "a-2",
+        "sentence": "The cup did not fit in the box because _ was too big.",
+        "option1": "the cup",
+        "option2": "the box",
+        "answer": "1",
+    },
+    {
+        "qID": "a-3",
+        "sentence": "Ann gave Beth a gift because _ had a birthday.",
+        "option1": "Ann",
+        "option2": "Beth",
+        "answer": "2",
+    },
 ]
 
 
 def _ai2(qid, stem, texts, key, labels=None):
     labels = labels or list("ABCDE")[: len(texts)]
-    return {"id": qid, "question": {"stem": stem, "choices": [{"text": t, "label": l} for t, l in zip(texts, labels)]},
-            "answerKey": key}
+    return {
+        "id": qid,
+        "question": {"stem": stem, "choices": [{"text": t, "label": lab} for t, lab in zip(texts, labels)]},
+        "answerKey": key,
+    }
 
 
 ARC_EASY = [
@@ -70,8 +106,13 @@ ARC_EASY = [
 ]
 ARC_CHALLENGE = [
     _ai2("c1", "Which force pulls objects to Earth?", ["friction", "gravity", "magnetism", "tension"], "B"),
-    _ai2("c2", "What is the boiling point of water at sea level?", ["50 C", "75 C", "100 C", "150 C"], "3",
-         labels=["1", "2", "3", "4"]),
+    _ai2(
+        "c2",
+        "What is the boiling point of water at sea level?",
+        ["50 C", "75 C", "100 C", "150 C"],
+        "3",
+        labels=["1", "2", "3", "4"],
+    ),
     _ai2("c3", "Which is a mammal?", ["shark", "whale", "trout", "eel"], "B"),
 ]
 OPENBOOKQA = [
@@ -80,14 +121,27 @@ OPENBOOKQA = [
     _ai2("8-3", "A magnet will stick to", ["wood", "glass", "an iron nail", "paper"], "C"),
 ]
 PIQA = [
-    {"id": "p1", "goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the freezer."},
+    {
+        "id": "p1",
+        "goal": "How do I dry wet shoes?",
+        "sol1": "Stuff them with newspaper.",
+        "sol2": "Put them in the freezer.",
+    },
     {"id": "p2", "goal": "To cut bread,", "sol1": "use a spoon.", "sol2": "use a bread knife."},
     {"id": "p3", "goal": "Keep soup warm", "sol1": "on a low flame.", "sol2": "in the fridge."},
 ]
 PIQA_LABELS = [0, 1, 0]
 
-N_ITEMS = {"boolq": 3, "rte": 3, "hellaswag": 3, "winogrande": 3, "arc_easy": 4, "arc_challenge": 3,
-           "openbookqa": 3, "piqa": 3}
+N_ITEMS = {
+    "boolq": 3,
+    "rte": 3,
+    "hellaswag": 3,
+    "winogrande": 3,
+    "arc_easy": 4,
+    "arc_challenge": 3,
+    "openbookqa": 3,
+    "piqa": 3,
+}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -131,13 +185,27 @@ EXPECTED_FIRST = {
     "rte": ("A dog ran across the park.\nQuestion: An animal ran. True or False?\nAnswer:", ["True", "False"], 0),
     "hellaswag": ("Roof shingle removal: A man is sitting on a roof. He", HELLASWAG[0][2], 3),
     # partial evaluation: the text is the index of the right context, the choices the two contexts
-    "winogrande": (0, ["Sarah was a better surgeon than Maria so Sarah", "Sarah was a better surgeon than Maria so Maria"],
-                   "got the harder cases."),
+    "winogrande": (
+        0,
+        ["Sarah was a better surgeon than Maria so Sarah", "Sarah was a better surgeon than Maria so Maria"],
+        "got the harder cases.",
+    ),
     "arc_easy": ("Question: Which gas do plants take in?\nAnswer:", ["oxygen", "carbon dioxide", "helium", "neon"], 1),
-    "arc_challenge": ("Question: Which force pulls objects to Earth?\nAnswer:",
-                      ["friction", "gravity", "magnetism", "tension"], 1),
-    "openbookqa": ("There is most likely going to be fog around:", ["a marsh", "a tundra", "the plains", "a desert"], 0),
-    "piqa": ("Question: How do I dry wet shoes?\nAnswer:", ["Stuff them with newspaper.", "Put them in the freezer."], 0),
+    "arc_challenge": (
+        "Question: Which force pulls objects to Earth?\nAnswer:",
+        ["friction", "gravity", "magnetism", "tension"],
+        1,
+    ),
+    "openbookqa": (
+        "There is most likely going to be fog around:",
+        ["a marsh", "a tundra", "the plains", "a desert"],
+        0,
+    ),
+    "piqa": (
+        "Question: How do I dry wet shoes?\nAnswer:",
+        ["Stuff them with newspaper.", "Put them in the freezer."],
+        0,
+    ),
 }
 
 
@@ -311,13 +379,31 @@ def test_converter_errors(tmp_path):
 
 # ---------------------------------------------------------------- the real shared data (no model)
 
-REAL_COUNTS = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
-               "arc_challenge": 1172, "openbookqa": 500, "piqa": 1838}
+REAL_COUNTS = {
+    "boolq": 3270,
+    "rte": 277,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "openbookqa": 500,
+    "piqa": 1838,
+}
 HUB_FIELDS = {
     "boolq": {"question", "passage", "idx", "label"},
     "rte": {"sentence1", "sentence2", "label", "idx"},
-    "hellaswag": {"ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "source_id", "split", "split_type",
-                  "label"},
+    "hellaswag": {
+        "ind",
+        "activity_label",
+        "ctx_a",
+        "ctx_b",
+        "ctx",
+        "endings",
+        "source_id",
+        "split",
+        "split_type",
+        "label",
+    },
     "winogrande": {"sentence", "option1", "option2", "answer"},
     "arc_easy": {"id", "question", "choices", "answerKey"},
     "arc_challenge": {"id", "question", "choices", "answerKey"},

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_model, make_calibration_ids
 
 import d2prune
+from conftest import build_tiny_model, make_calibration_ids
 from d2prune.cli import main
 from d2prune.errors import UserError
 from d2prune.finetune import (
@@ -36,15 +36,24 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]  # down_proj: a linear whose input w
 
 def pruned_tiny(setting: str, seed: int = 0) -> torch.nn.Module:
     model = build_tiny_model("llama-gqa", seed=seed)
-    d2prune.prune(model, make_calibration_ids(), d2prune.PruneConfig(method="magnitude", progress=False,
-                                                                     **PATTERNS[setting]))
+    d2prune.prune(
+        model, make_calibration_ids(), d2prune.PruneConfig(method="magnitude", progress=False, **PATTERNS[setting])
+    )
     return model
 
 
 def quick_config(**overrides) -> FinetuneConfig:
     # A large learning rate, so that a few steps move the adapters far from zero.
-    options = dict(lr=1e-2, max_steps=3, batch_size=2, effective_batch_size=4, warmup_steps=0, lora_dropout=0.05,
-                   lora_targets=TARGETS, progress=False)
+    options = dict(
+        lr=1e-2,
+        max_steps=3,
+        batch_size=2,
+        effective_batch_size=4,
+        warmup_steps=0,
+        lora_dropout=0.05,
+        lora_targets=TARGETS,
+        progress=False,
+    )
     options.update(overrides)
     return FinetuneConfig(**options)
 
@@ -79,7 +88,8 @@ def test_merge_keeps_sparsity_exactly_and_logits_match_adapter_model(setting):
     after = linear_zeros(merged)
     assert after == before  # every linear: the same number of zeros
     assert report.zeros == sum(z for z, _ in after.values()) and report.overall_sparsity == pytest.approx(
-        0.5 if setting == "2:4" else 0.6, abs=0.01)
+        0.5 if setting == "2:4" else 0.6, abs=0.01
+    )
     for name, keep in masks.items():
         weight = merged.get_submodule(name).weight
         assert torch.equal(weight != 0, keep)  # the same positions, not only the same count
@@ -151,8 +161,13 @@ def test_resume_from_checkpoint_gives_the_same_final_weights(tmp_path):
 
     # Other settings cannot continue that checkpoint.
     with pytest.raises(UserError, match="different run.*lr"):
-        finetune(copy.deepcopy(pruned), train_ids(), quick_config(max_steps=5, save_steps=2, lr=5e-3),
-                 checkpoint_dir=tmp_path / "b", resume=True)
+        finetune(
+            copy.deepcopy(pruned),
+            train_ids(),
+            quick_config(max_steps=5, save_steps=2, lr=5e-3),
+            checkpoint_dir=tmp_path / "b",
+            resume=True,
+        )
     with pytest.raises(UserError, match="no checkpoint"):
         finetune(copy.deepcopy(pruned), train_ids(), config, checkpoint_dir=tmp_path / "empty", resume=True)
 
@@ -232,19 +247,73 @@ def test_cli_finetune_end_to_end(tmp_path, cache, capsys):
     from transformers import AutoModelForCausalLM
 
     pruned = tmp_path / "pruned"
-    assert main(["prune", str(TINY), "--method", "magnitude", "--sparsity", "0.7", "--nsamples", "2", "--eval", "none",
-                 "--output-dir", str(pruned), "--save-model", *QUICK_EVAL]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.7",
+                "--nsamples",
+                "2",
+                "--eval",
+                "none",
+                "--output-dir",
+                str(pruned),
+                "--save-model",
+                *QUICK_EVAL,
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "ft"
-    args = ["finetune", str(pruned / "model"), "--data", "c4", "--max-train-samples", "8", "--block-size", "32",
-            "--epochs", "1", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.05",
-            "--lora-targets", "q_proj,v_proj", "--batch-size", "2", "--effective-batch-size", "4",
-            "--save-steps", "1", "--save", "both", "--eval-before", "--output-dir", str(out), *QUICK_EVAL]
+    args = [
+        "finetune",
+        str(pruned / "model"),
+        "--data",
+        "c4",
+        "--max-train-samples",
+        "8",
+        "--block-size",
+        "32",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-dropout",
+        "0.05",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--batch-size",
+        "2",
+        "--effective-batch-size",
+        "4",
+        "--save-steps",
+        "1",
+        "--save",
+        "both",
+        "--eval-before",
+        "--output-dir",
+        str(out),
+        *QUICK_EVAL,
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "ppl after (wikitext2)" in printed and "ppl before (wikitext2)" in printed
     rec = json.loads((out / "run.json").read_text())
     assert rec["finetune"]["steps"] == 2 and rec["data"] == {
-        "source": "c4", "block_size": 32, "blocks": 8, "blocks_seen": 8, "tokens_seen": 256}
+        "source": "c4",
+        "block_size": 32,
+        "blocks": 8,
+        "blocks_seen": 8,
+        "tokens_seen": 256,
+    }
     assert [c["step"] for c in rec["loss_curve"]] == [1, 2]
     assert rec["sparsity"]["zeros_before"] == rec["sparsity"]["zeros_after"]
     assert rec["sparsity"]["before"] == json.loads((pruned / "run.json").read_text())["overall_sparsity"]
@@ -288,8 +357,20 @@ def test_cli_finetune_end_to_end(tmp_path, cache, capsys):
 )
 def test_cli_user_mistakes_give_one_line_and_exit_2(extra, needle, tmp_path, cache, capsys):
     # Later flags win: each case overrides the quick defaults.
-    rc = main(["finetune", extra[0], "--block-size", "32", "--max-steps", "1", "--output-dir", str(tmp_path / "out"),
-               *QUICK_EVAL, *extra[1:]])
+    rc = main(
+        [
+            "finetune",
+            extra[0],
+            "--block-size",
+            "32",
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "out"),
+            *QUICK_EVAL,
+            *extra[1:],
+        ]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("d2prune: error")]
     assert rc == 2 and len(lines) == 1 and needle in lines[0], err

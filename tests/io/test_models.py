@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM
 
+from d2prune.errors import UserError
 from d2prune.io import gguf as G
 from d2prune.io import models as M
-from d2prune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 AIDREAMS = ROOT.parent / "shared" / "models" / "aidreams260K"

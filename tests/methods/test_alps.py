@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from tests.conftest import QUICK_CLI as QUICK
+from tests.conftest import TINY, build_tiny_model, make_calibration_ids, needs_assets
 
 import d2prune
 from d2prune.errors import UserError
@@ -14,8 +16,6 @@ from d2prune.methods.d2prune import D2WandaPruner
 from d2prune.methods.least_squares import damp_hessian, reconstruction_error
 from d2prune.methods.sparsegpt import sparsegpt_solve
 from d2prune.patterns import Pattern, SparsityTarget, nm_violations
-from tests.conftest import QUICK_CLI as QUICK
-from tests.conftest import TINY, build_tiny_model, make_calibration_ids, needs_assets
 
 
 def _problem(rows=16, cols=32, tokens=256, seed=0):
@@ -45,8 +45,9 @@ def _prune(config, w, gram, target):
     return pruner.prune(w, target, gram)
 
 
-@pytest.mark.parametrize("target", [SparsityTarget(0.6), SparsityTarget(0.8), SparsityTarget(0.5, Pattern(2, 4))],
-                         ids=["60%", "80%", "2:4"])
+@pytest.mark.parametrize(
+    "target", [SparsityTarget(0.6), SparsityTarget(0.8), SparsityTarget(0.5, Pattern(2, 4))], ids=["60%", "80%", "2:4"]
+)
 def test_alps_weights_are_the_least_squares_optimum_of_their_support(target):
     w, gram = _problem(seed=1)
     out = _prune(ALPSConfig(cg_iters=200), w, gram, target)
@@ -74,8 +75,11 @@ def test_alps_nm_groups_are_exact(n, m):
     assert nm_violations(out, n, m) == 0
 
 
-@pytest.mark.parametrize("target", [SparsityTarget(0.5), SparsityTarget(0.7), SparsityTarget(0.8),
-                                    SparsityTarget(0.5, Pattern(2, 4))], ids=["50%", "70%", "80%", "2:4"])
+@pytest.mark.parametrize(
+    "target",
+    [SparsityTarget(0.5), SparsityTarget(0.7), SparsityTarget(0.8), SparsityTarget(0.5, Pattern(2, 4))],
+    ids=["50%", "70%", "80%", "2:4"],
+)
 def test_alps_reconstructs_better_than_sparsegpt_on_the_same_gram(target, capsys):
     ratios = []
     for seed in range(5):
@@ -85,8 +89,10 @@ def test_alps_reconstructs_better_than_sparsegpt_on_the_same_gram(target, capsys
         sgpt = sparsegpt_solve(w, gram.hessian(), target)
         ratios.append(reconstruction_error(w, alps, h) / reconstruction_error(w, sgpt, h))
     with capsys.disabled():
-        print(f"\nALPS / SparseGPT reconstruction error at {target.pattern} {target.sparsity:.0%}: "
-              + ", ".join(f"{r:.3f}" for r in ratios))
+        print(
+            f"\nALPS / SparseGPT reconstruction error at {target.pattern} {target.sparsity:.0%}: "
+            + ", ".join(f"{r:.3f}" for r in ratios)
+        )
     assert max(ratios) <= 1.0
 
 
@@ -185,15 +191,35 @@ def test_auto_rho_restart_and_support_trace_are_recorded():
 # --------------------------------------------------------------------------------------------------
 
 
-
 @needs_assets
 def test_cli_alps_with_its_options(tmp_path, cli_cache):
     from d2prune.cli import main
 
     out = tmp_path / "alps"
-    assert main(["prune", str(TINY), "--method", "alps", "--sparsity", "0.7", "--alps-rho", "0.2",
-                 "--alps-iters", "60", "--alps-cg-iters", "5", "--percdamp", "0.02", "--output-dir", str(out),
-                 *QUICK]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "alps",
+                "--sparsity",
+                "0.7",
+                "--alps-rho",
+                "0.2",
+                "--alps-iters",
+                "60",
+                "--alps-cg-iters",
+                "5",
+                "--percdamp",
+                "0.02",
+                "--output-dir",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["method"] == {"name": "alps", "rho": 0.2, "admm_iters": 60, "cg_iters": 5, "percdamp": 0.02}
     assert rec["overall_sparsity"] == pytest.approx(0.7, abs=1e-3)
@@ -205,8 +231,26 @@ def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, c
     from d2prune.cli import main
 
     out = tmp_path / "d2alps"
-    assert main(["prune", str(TINY), "--method", "d2alps", "--pattern", "2:4", "--target-layers", "auto",
-                 "--heldout-windows", "2", "--output-dir", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "d2alps",
+                "--pattern",
+                "2:4",
+                "--target-layers",
+                "auto",
+                "--heldout-windows",
+                "2",
+                "--output-dir",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "run.json").read_text())
     search = rec["target_search"]
     assert set(search["heldout_ppl"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "none"}
@@ -216,11 +260,14 @@ def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, c
 
 
 @needs_assets
-@pytest.mark.parametrize("args,needle", [
-    (["--method", "alps", "--alps-rho", "0"], "rho"),
-    (["--method", "d2alps", "--alps-iters", "0"], "admm_iters"),
-    (["--method", "alps", "--target-layers", "auto"], "--target-layers auto"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--method", "alps", "--alps-rho", "0"], "rho"),
+        (["--method", "d2alps", "--alps-iters", "0"], "admm_iters"),
+        (["--method", "alps", "--target-layers", "auto"], "--target-layers auto"),
+    ],
+)
 def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cli_cache):
     from d2prune.cli import main
 
@@ -238,8 +285,13 @@ def test_alps_follows_owl_and_explicit_layer_sparsities():
         weight = linears[lin.name].weight
         assert int((weight == 0).sum()) == int([0.4, 0.7][lin.layer] * weight.numel())
     model = build_tiny_model("llama-gqa")
-    report = d2prune.prune(model, ids, d2prune.PruneConfig(method="alps", sparsity=0.6, sparsity_profile="owl",
-                                                           owl_lambda=0.1, owl_m=3.0, progress=False))
+    report = d2prune.prune(
+        model,
+        ids,
+        d2prune.PruneConfig(
+            method="alps", sparsity=0.6, sparsity_profile="owl", owl_lambda=0.1, owl_m=3.0, progress=False
+        ),
+    )
     assert len(set(report.layer_sparsities)) == 2 and sum(report.layer_sparsities) / 2 == pytest.approx(0.6)
     for lin in report.linears:
         weight = dict(model.named_modules())[lin.name].weight

@@ -6,7 +6,7 @@ import torch
 from d2prune.errors import UserError
 from d2prune.methods import D2PruneConfig, Gram, SparseGPTConfig
 from d2prune.methods.d2prune import D2SparseGPTPruner, D2WandaPruner
-from d2prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_solve
+from d2prune.methods.sparsegpt import inverse_hessian_factor
 from d2prune.patterns import Pattern, SparsityTarget
 
 S = 7.0
@@ -51,7 +51,7 @@ def test_reference_mode_statistics_follow_the_index_weighted_closed_forms():
     upd = D2PruneConfig(s=S, target_layers=[], stats_mode="reference").make_pruner("fc", w)
     _observe(upd, xs, ys)
     assert isinstance(upd, D2SparseGPTPruner)
-    # §1.3: y_i = (1/(N s)) Σ k‖Y_k,i‖ ; dx_j = (1/(N s)) Σ sqrt(2k)‖X_k,j‖ (sqrt(2/k)-scaled inputs).
+    # reference mode (docs/methods.md#stats-mode): y_i = (1/(N s)) Σ k‖Y_k,i‖ ; dx_j = (1/(N s)) Σ sqrt(2k)‖X_k,j‖ (sqrt(2/k)-scaled inputs).
     torch.testing.assert_close(upd.norms.y, (k * yn).sum(0) / (n * S), rtol=1e-5, atol=0)
     torch.testing.assert_close(upd.norms.dx, (torch.sqrt(2 * k) * xn).sum(0) / (n * S), rtol=1e-5, atol=0)
 

@@ -4,15 +4,14 @@ import json
 
 import pytest
 import torch
+from tests.conftest import QUICK_CLI as QUICK
+from tests.conftest import TINY, needs_assets
 
 import d2prune
 from d2prune.errors import UserError
 from d2prune.methods import DSnoTConfig, Gram, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from d2prune.methods.dsnot import DSnoTPruner, MeanVarStats, dsnot_refine, expected_row_error
 from d2prune.patterns import Pattern, SparsityTarget, row_mask
-
-from tests.conftest import QUICK_CLI as QUICK
-from tests.conftest import TINY, needs_assets
 
 HALF = SparsityTarget(0.5)
 TWO_FOUR = SparsityTarget(0.5, Pattern(2, 4))
@@ -98,7 +97,9 @@ def brute_force(dense, pruned, s, var, sq_norm, m, cycles, threshold, gamma):
     return out.float()
 
 
-@pytest.mark.parametrize("target,m", [(HALF, None), (SparsityTarget(0.7), None), (TWO_FOUR, 4), (SparsityTarget(0.5, Pattern(4, 8)), 8)])
+@pytest.mark.parametrize(
+    "target,m", [(HALF, None), (SparsityTarget(0.7), None), (TWO_FOUR, 4), (SparsityTarget(0.5, Pattern(4, 8)), 8)]
+)
 @pytest.mark.parametrize("threshold", [0.1, 2.0])
 def test_refined_mask_equals_row_by_row_transcription(target, m, threshold):
     g = torch.Generator().manual_seed(5)
@@ -215,8 +216,14 @@ def test_statistics_are_exact_and_sum_over_shards():
         shards.append(p.statistics())
     merged = config.make_pruner("fc", w)
     merged.load_statistics({k: sum(sh[k] for sh in shards) for k in shards[0]})
-    assert set(whole.statistics()) == {"moments.sum", "moments.sq_sum", "moments.ntokens", "moments.nsamples",
-                                       "norms.sum", "norms.nsamples"}
+    assert set(whole.statistics()) == {
+        "moments.sum",
+        "moments.sq_sum",
+        "moments.ntokens",
+        "moments.nsamples",
+        "norms.sum",
+        "norms.nsamples",
+    }
     for key, t in whole.statistics().items():
         torch.testing.assert_close(merged.statistics()[key], t, rtol=1e-12, atol=1e-12)
     assert torch.equal(merged.prune(w, HALF, None), whole.prune(w, HALF, None))
@@ -244,7 +251,9 @@ def test_config_errors_and_record():
     with pytest.raises(UserError, match="z_proj"):  # the base's own checks run too
         DSnoTConfig(base=d2prune.D2PruneConfig(target_layers=["z_proj"])).validate(["q_proj"], "L")
     record = DSnoTConfig(base="sparsegpt").to_dict()
-    assert record["name"] == "dsnot" and record["base"]["name"] == "sparsegpt" and record["skip"] == ["mlp", "fc1", "fc2"]
+    assert (
+        record["name"] == "dsnot" and record["base"]["name"] == "sparsegpt" and record["skip"] == ["mlp", "fc1", "fc2"]
+    )
     json.dumps(record)
     resolved = DSnoTConfig(base=d2prune.D2PruneConfig(auto_s=True)).resolve({"max_position_embeddings": 64})
     assert resolved.base.s == 64.0 and not resolved.base.auto_s
@@ -252,7 +261,6 @@ def test_config_errors_and_record():
 
 def test_pipeline_refines_attention_linears_and_leaves_mlp_ones_to_the_base():
     from conftest import build_tiny_model, make_calibration_ids
-
     from d2prune.engine.architecture import find_decoder_stack, find_linears
 
     ids = make_calibration_ids(windows=6, tokens=16)
@@ -268,7 +276,9 @@ def test_pipeline_refines_attention_linears_and_leaves_mlp_ones_to_the_base():
         assert torch.equal((w == 0).sum(1), (ref == 0).sum(1)), name
         if name.startswith("mlp."):  # skipped by default: exactly Wanda's (layer 0 sees the same inputs)
             assert torch.equal(w, ref), name
-    assert any(not torch.equal(w, weights["wanda"][n]) for n, w in weights["dsnot"].items() if n.startswith("self_attn"))
+    assert any(
+        not torch.equal(w, weights["wanda"][n]) for n, w in weights["dsnot"].items() if n.startswith("self_attn")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,9 +291,34 @@ def test_cli_dsnot_over_sparsegpt_2_4(tmp_path, cli_cache):
     from d2prune.cli import main
 
     out = tmp_path / "dsnot"
-    assert main(["prune", str(TINY), "--method", "dsnot", "--dsnot-base", "sparsegpt", "--pattern", "2:4",
-                 "--blocksize", "32", "--dsnot-cycles", "20", "--dsnot-threshold", "0.05", "--dsnot-gamma", "0.5",
-                 "--dsnot-skip", "k_proj", "--output-dir", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "dsnot",
+                "--dsnot-base",
+                "sparsegpt",
+                "--pattern",
+                "2:4",
+                "--blocksize",
+                "32",
+                "--dsnot-cycles",
+                "20",
+                "--dsnot-threshold",
+                "0.05",
+                "--dsnot-gamma",
+                "0.5",
+                "--dsnot-skip",
+                "k_proj",
+                "--output-dir",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "run.json").read_text())
     method = rec["config"]["method"]
     assert method["name"] == "dsnot" and method["max_cycles"] == 20 and method["update_threshold"] == 0.05
@@ -295,12 +330,15 @@ def test_cli_dsnot_over_sparsegpt_2_4(tmp_path, cli_cache):
 
 
 @needs_assets
-@pytest.mark.parametrize("args,needle", [
-    (["--dsnot-base", "obs"], "unknown --dsnot-base 'obs'"),
-    (["--dsnot-base", "dsnot"], "own mask"),
-    (["--dsnot-cycles", "-2"], "max_cycles"),
-    (["--dsnot-skip", "z_proj"], "z_proj"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--dsnot-base", "obs"], "unknown --dsnot-base 'obs'"),
+        (["--dsnot-base", "dsnot"], "own mask"),
+        (["--dsnot-cycles", "-2"], "max_cycles"),
+        (["--dsnot-skip", "z_proj"], "z_proj"),
+    ],
+)
 def test_cli_dsnot_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cli_cache):
     from d2prune.cli import main
 

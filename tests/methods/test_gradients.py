@@ -10,6 +10,7 @@ import torch
 from conftest import build_tiny_model, make_calibration_ids
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
+from d2prune.methods import PrunerZeroConfig
 from d2prune.methods.gradients import (
     attach_gradients,
     cached_gradient_key,
@@ -19,7 +20,6 @@ from d2prune.methods.gradients import (
     plan_gradient_pass,
     save_gradients,
 )
-from d2prune.methods import PrunerZeroConfig
 
 
 def _linear_paths(model) -> list[str]:

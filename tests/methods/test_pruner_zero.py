@@ -1,4 +1,4 @@
-"""Pruner-Zero: S = |W ⊙ W| ⊙ mms(G), per output row, no weight update (spec §4)."""
+"""Pruner-Zero: S = |W ⊙ W| ⊙ mms(G), per output row, no weight update (docs/methods.md#pruner-zero)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import d2prune
 from conftest import build_tiny_model, make_calibration_ids
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
-from d2prune.methods.gradients import gradient_norms
 from d2prune.methods import METHODS, PrunerZeroConfig
+from d2prune.methods.gradients import gradient_norms
 from d2prune.methods.pruner_zero import min_max_scale
 from d2prune.patterns import Pattern, SparsityTarget
 
@@ -71,7 +71,7 @@ def test_nm_groups():
     w = torch.randn(4, 16, generator=gen)
     g = torch.rand(4, 16, generator=gen)
     out = _pruner(w, g).prune(w, SparsityTarget(0.5, Pattern(2, 4)), None)
-    zeros = (out.reshape(4, 4, 4) == 0)
+    zeros = out.reshape(4, 4, 4) == 0
     assert (zeros.sum(-1) == 2).all()
     score = (w**2 * min_max_scale(g)).reshape(4, 4, 4)
     kept = torch.topk(score, 2, dim=-1).indices

@@ -22,8 +22,7 @@ from d2prune.methods.ria import (
     ria_score,
     zigzag_permutation,
 )
-from d2prune.patterns import SparsityTarget, Pattern, nm_violations
-
+from d2prune.patterns import Pattern, SparsityTarget, nm_violations
 
 
 def _pruner(weight: torch.Tensor, x: torch.Tensor, **options) -> RIAPruner:
@@ -176,7 +175,7 @@ def test_without_scipy_the_zigzag_permutation_is_used_with_a_warning(monkeypatch
 
 def test_lsa_raises_the_retained_score():
     g = torch.Generator().manual_seed(3)
-    for trial in range(5):
+    for _trial in range(5):
         score = torch.rand(6, 32, generator=g) ** 3
         perm = zigzag_permutation(score, 4)
         refined = lsa_refine(score, perm, 2, 4, block=4)
@@ -205,7 +204,7 @@ EXPECTED_PRODUCERS = {
 
 def _layer_run(model, layer_index=0, windows=2):
     """(layer, linears, call order, layer input, args) of one decoder layer on calibration windows."""
-    from d2prune.engine.walk import capture_inputs_and_arguments, calibration_batches
+    from d2prune.engine.capture import calibration_batches, capture_inputs_and_arguments
 
     stack = find_decoder_stack(model)
     batches = calibration_batches(make_calibration_ids(windows, 8), windows)
@@ -213,8 +212,10 @@ def _layer_run(model, layer_index=0, windows=2):
     layer = stack.layers[layer_index]
     linears = find_linears(layer)
     order: list[str] = []
-    handles = [lin.register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order else None)
-               for n, lin in linears.items()]
+    handles = [
+        lin.register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order else None)
+        for n, lin in linears.items()
+    ]
     rest, kwargs = extras[layer_index][0]
     with torch.no_grad():
         out = layer(inps, *rest, **kwargs)
@@ -337,8 +338,27 @@ def test_cli_run_on_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
     quick = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4", "--no-progress", "--data-dir", str(DATA)]
     out = tmp_path / "out"
-    assert main(["prune", str(TINY), "--method", "ria", "--pattern", "2:4", "--ria-a", "0.7", "--ria-group", "row",
-                 "--ria-permute", "--output-dir", str(out), *quick]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(TINY),
+                "--method",
+                "ria",
+                "--pattern",
+                "2:4",
+                "--ria-a",
+                "0.7",
+                "--ria-group",
+                "row",
+                "--ria-permute",
+                "--output-dir",
+                str(out),
+                *quick,
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["method"] == {"name": "ria", "a": 0.7, "group": "row", "permute": True, "lsa": True}
     assert rec["nm_structure_ok"] is True

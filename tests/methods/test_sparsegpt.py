@@ -12,7 +12,9 @@ from d2prune.patterns import Pattern, SparsityTarget
 def _problem(rows=4, cols=12, tokens=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ torch.randn(
+        cols, cols, generator=g, dtype=torch.float64
+    )
     h = 2 * x.t() @ x / tokens
     return w, h
 
@@ -81,9 +83,7 @@ def test_lazy_block_updates_do_not_change_nm_result():
     w, h = _problem(rows=5, cols=32)
     fixed = torch.rand(5, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     target = SparsityTarget(0.5, Pattern(2, 4))
-    results = [
-        sparsegpt_solve(w, h, target, 0.01, bs, score=lambda w1, d, cols: fixed[:, cols]) for bs in (4, 8, 128)
-    ]
+    results = [sparsegpt_solve(w, h, target, 0.01, bs, score=lambda w1, d, cols: fixed[:, cols]) for bs in (4, 8, 128)]
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], rtol=1e-4, atol=1e-5)
     mask = torch.zeros(5, 32, dtype=torch.bool)

@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 
 import d2prune
-from conftest import build_tiny_model, make_calibration_ids
 import d2prune.streaming as offload
+from conftest import build_tiny_model, make_calibration_ids
 from d2prune.errors import UserError
 from d2prune.evaluation.perplexity import evaluate_ppl
 from d2prune.io.models import save_pruned
@@ -74,8 +74,15 @@ def _assert_identical(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize(
     "key,method,tied",
-    [("llama-gqa", "sparsegpt", False), ("llama-gqa", "wanda", True), ("opt", "sparsegpt", True), ("gpt-neox", "magnitude", False), ("opt", "alps", False),
-     ("llama-gqa", "dsnot", False), ("opt", "ria", False)],
+    [
+        ("llama-gqa", "sparsegpt", False),
+        ("llama-gqa", "wanda", True),
+        ("opt", "sparsegpt", True),
+        ("gpt-neox", "magnitude", False),
+        ("opt", "alps", False),
+        ("llama-gqa", "dsnot", False),
+        ("opt", "ria", False),
+    ],
 )
 def test_streamed_output_is_identical_to_in_memory_pruning(tmp_path, key, method, tied):
     model, src = _checkpoint(tmp_path, key, tie_word_embeddings=tied)
@@ -216,14 +223,18 @@ def test_interrupted_run_resumes_to_an_identical_result(tmp_path, monkeypatch, a
 def test_streamed_refit_matches_in_memory_and_survives_a_resume(tmp_path, monkeypatch, method):
     model, src = _checkpoint(tmp_path, "llama-gqa", num_hidden_layers=3)
     ids = make_calibration_ids(windows=6, tokens=16)
-    config = _config(d2prune.D2PruneConfig(target_layers=["self_attn.v_proj"]) if method == "d2prune" else method,
-                     refit="cg", activation_offload="disk")
+    config = _config(
+        d2prune.D2PruneConfig(target_layers=["self_attn.v_proj"]) if method == "d2prune" else method,
+        refit="cg",
+        activation_offload="disk",
+    )
     full, out = prune_checkpoint(src, ids, config, tmp_path / "full")
     mem_report = d2prune.prune(model, ids, config)
     save_pruned(model, None, tmp_path / "memory", mem_report.sparsity_record())
     _assert_identical(out, tmp_path / "memory")
-    summary = lambda report: [(lin.name, lin.sparsity, lin.relative_error, lin.relative_error_before_refit)
-                              for lin in report.linears]
+    summary = lambda report: [
+        (lin.name, lin.sparsity, lin.relative_error, lin.relative_error_before_refit) for lin in report.linears
+    ]
     assert summary(full) == summary(mem_report)
     assert sum(lin.relative_error_before_refit is not None for lin in full.linears) == 3 * (7 - (method == "d2prune"))
 
@@ -240,8 +251,9 @@ def test_streamed_refit_matches_in_memory_and_survives_a_resume(tmp_path, monkey
         prune_checkpoint(src, ids, config, tmp_path / "resumed")
     monkeypatch.setattr(offload.StreamedStore, "layer_done", original)
     saved = read_progress(tmp_path / "resumed")["report"]["linears"]
-    assert len(saved) == 14 and all("relative_error_before_refit" in d for d in saved
-                                    if not d["name"].endswith("v_proj") or method != "d2prune")
+    assert len(saved) == 14 and all(
+        "relative_error_before_refit" in d for d in saved if not d["name"].endswith("v_proj") or method != "d2prune"
+    )
     resumed, _ = prune_checkpoint(src, ids, config, tmp_path / "resumed", resume=True)
     assert resumed.resumed_at_layer == 2
     assert summary(resumed) == summary(full)
@@ -250,14 +262,34 @@ def test_streamed_refit_matches_in_memory_and_survives_a_resume(tmp_path, monkey
 
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "d2prune", *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "d2prune", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @needs_assets
 def test_killed_cli_run_resumes_bit_identical(tmp_path):
-    common = ["prune", str(TINY), "--method", "sparsegpt", "--nsamples", "4", "--seqlen", "32", "--eval", "none",
-              "--no-progress", "--data-dir", str(DATA), "--cache-dir", str(tmp_path / "cache"), "--offload", "disk",
-              "--activation-offload", "disk"]
+    common = [
+        "prune",
+        str(TINY),
+        "--method",
+        "sparsegpt",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval",
+        "none",
+        "--no-progress",
+        "--data-dir",
+        str(DATA),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--offload",
+        "disk",
+        "--activation-offload",
+        "disk",
+    ]
     full = _cli([*common, "--output-dir", str(tmp_path / "full")])  # same thread count as the runs below
     assert full.returncode == 0, full.stderr
 
@@ -279,8 +311,24 @@ def test_killed_cli_run_resumes_bit_identical(tmp_path):
 
 @needs_assets
 def test_cli_streamed_run_evaluates_layer_by_layer_like_in_memory(tmp_path):
-    common = ["prune", str(TINY), "--method", "wanda", "--nsamples", "4", "--seqlen", "32", "--eval-windows", "3",
-              "--no-progress", "--data-dir", str(DATA), "--cache-dir", str(tmp_path / "cache"), "--save-model"]
+    common = [
+        "prune",
+        str(TINY),
+        "--method",
+        "wanda",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-windows",
+        "3",
+        "--no-progress",
+        "--data-dir",
+        str(DATA),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--save-model",
+    ]
     from d2prune.cli import main
 
     assert main([*common, "--offload", "disk", "--output-dir", str(tmp_path / "disk")]) == 0
@@ -292,8 +340,26 @@ def test_cli_streamed_run_evaluates_layer_by_layer_like_in_memory(tmp_path):
     _assert_identical(tmp_path / "disk" / "model", tmp_path / "memory" / "model")
     # The tokenizer travels with the streamed output, and `d2prune eval` streams it as well.
     assert (tmp_path / "disk" / "model" / "tokenizer.json").is_file()
-    assert main(["eval", str(tmp_path / "disk" / "model"), "--offload", "disk", "--seqlen", "32", "--eval-windows", "3",
-                 "--no-progress", "--data-dir", str(DATA), "--output-dir", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "disk" / "model"),
+                "--offload",
+                "disk",
+                "--seqlen",
+                "32",
+                "--eval-windows",
+                "3",
+                "--no-progress",
+                "--data-dir",
+                str(DATA),
+                "--output-dir",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     c = json.loads((tmp_path / "eval" / "run.json").read_text())
     assert c["perplexity"]["model"]["wikitext2"] == a["perplexity"]["pruned"]["wikitext2"]
 

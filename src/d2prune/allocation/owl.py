@@ -1,4 +1,4 @@
-"""OWL: outlier-weighted layer-wise sparsity (Yin et al., ICML 2024; spec §5.1).
+"""OWL: outlier-weighted layer-wise sparsity (Yin et al., ICML 2024; docs/methods.md#owl).
 
 A dense layer-by-layer pass computes, per decoder layer, the share of Wanda scores |W|·‖X_j‖ that
 exceed ``m`` times their mean (the outlier ratio D_l, in percent). Layers with more outliers get a
@@ -14,7 +14,8 @@ from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.engine.capture import capture_inputs_and_arguments
 from d2prune.engine.executor import current_executor
-from d2prune.engine.walk import LayerStore, layers_in_turn, run_layer
+from d2prune.engine.layer import run_layer
+from d2prune.engine.walk import LayerStore, layers_in_turn
 from d2prune.methods.wanda import InputNormStats
 
 
@@ -43,8 +44,16 @@ def outlier_ratios(
         _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
     sizes = [b["input_ids"].shape[0] for b in local]
     ratios = []
-    turns = layers_in_turn(stack, store, acts, range(len(stack.layers)), device, progress=progress,
-                           desc="OWL outlier ratios", sync=executor.sync)
+    turns = layers_in_turn(
+        stack,
+        store,
+        acts,
+        range(len(stack.layers)),
+        device,
+        progress=progress,
+        desc="OWL outlier ratios",
+        sync=executor.sync,
+    )
     for index, layer in turns:
         linears = find_linears(layer)
         stats = {name: InputNormStats(lin.in_features, device) for name, lin in linears.items()}

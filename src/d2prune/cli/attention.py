@@ -14,7 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     at.add_argument("--data", default="c4", help="held-out text source (default c4)")
     at.add_argument("--windows", type=int, default=8, help="held-out windows (default 8)")
     at.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    at.add_argument("--seed", type=int, default=1234, help="seed of the held-out draw (default 1234; calibration uses 0)")
+    at.add_argument(
+        "--seed", type=int, default=1234, help="seed of the held-out draw (default 1234; calibration uses 0)"
+    )
     at.add_argument("--top-k", type=int, default=8, help="keys counted in the top-k attention mass (default 8)")
     at.add_argument("--dtype", default="float32")
     at.add_argument("--device", default="cpu")
@@ -27,9 +29,18 @@ def run(args: argparse.Namespace) -> int:
     from d2prune.evaluation.attention import format_attention_table, run_attention
 
     result = run_attention(
-        args.dense, args.pruned, args.output_dir, data_source=args.data, nwindows=args.windows, seqlen=args.seqlen,
-        seed=args.seed, top_k=args.top_k, dtype=args.dtype, device=args.device,
-        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), progress=not args.no_progress,
+        args.dense,
+        args.pruned,
+        args.output_dir,
+        data_source=args.data,
+        nwindows=args.windows,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        top_k=args.top_k,
+        dtype=args.dtype,
+        device=args.device,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        progress=not args.no_progress,
     )
     print(format_attention_table(result))
     print(f"attention record: {Path(args.output_dir) / 'attention.json'}")

@@ -24,8 +24,9 @@ def join_ranks(args: argparse.Namespace) -> bool:
     world, args.device = distributed.init_from_env(args.device, args.dist_timeout)
     if world.rank > 0:
         args.no_progress = True  # one set of progress bars, rank 0's
-    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {world.rank}] %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(levelname)s [rank {world.rank}] %(name)s: %(message)s", force=True
+    )
     return True
 
 
@@ -38,7 +39,9 @@ def check_model_options(args: argparse.Namespace) -> None:
         raise UserError("no model given: pass a model folder, a Hub id, a .gguf file or 'smollm2-135m'")
     check_mode(args.activation_offload)
     if args.offload_threshold <= 0:
-        raise UserError(f"--offload-threshold is a fraction of the available memory (> 0), got {args.offload_threshold}")
+        raise UserError(
+            f"--offload-threshold is a fraction of the available memory (> 0), got {args.offload_threshold}"
+        )
 
 
 def offload_policy(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,11 +122,19 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
             source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
             with distributed.current().sync(f"reading the evaluation data {source}"):
                 tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
-            options = dict(batch_size=args.eval_batch_size, max_windows=args.eval_windows, progress=not args.no_progress)
+            options = dict(
+                batch_size=args.eval_batch_size, max_windows=args.eval_windows, progress=not args.no_progress
+            )
             if streamed:
                 res = evaluate_streamed(
-                    model, tokens, args.seqlen, dtype=args.dtype, device=args.device,
-                    activation_offload=args.activation_offload, threshold=args.offload_threshold, **options,
+                    model,
+                    tokens,
+                    args.seqlen,
+                    dtype=args.dtype,
+                    device=args.device,
+                    activation_offload=args.activation_offload,
+                    threshold=args.offload_threshold,
+                    **options,
                 )
             else:
                 res = evaluate_ppl(model, tokens, args.seqlen, **options)
@@ -138,8 +149,13 @@ def zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
     from d2prune.evaluation.zeroshot import format_zero_shot_table, run_zero_shot
 
     result = run_zero_shot(
-        model, tokenizer, tasks=task_list(args.tasks), data_dir=args.data_dir_path, limit=args.limit,
-        batch_size=args.zero_shot_batch_size, device=args.device,
+        model,
+        tokenizer,
+        tasks=task_list(args.tasks),
+        data_dir=args.data_dir_path,
+        limit=args.limit,
+        batch_size=args.zero_shot_batch_size,
+        device=args.device,
     )
     print(format_zero_shot_table(result))
     return result
@@ -166,11 +182,19 @@ def ranks_record(world: distributed.World, args: argparse.Namespace, timings: di
     import resource
     import socket
 
-    mine = {"rank": world.rank, "host": socket.gethostname(), "device": args.device,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-            "prune_s": timings.get("prune")}
-    return {"world_size": world.size, "backend": world.backend, "timeout_s": world.timeout_s,
-            "ranks": world.all_gathered(mine, "gathering the ranks' summaries")}
+    mine = {
+        "rank": world.rank,
+        "host": socket.gethostname(),
+        "device": args.device,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "prune_s": timings.get("prune"),
+    }
+    return {
+        "world_size": world.size,
+        "backend": world.backend,
+        "timeout_s": world.timeout_s,
+        "ranks": world.all_gathered(mine, "gathering the ranks' summaries"),
+    }
 
 
 def sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
@@ -178,7 +202,9 @@ def sources(args: argparse.Namespace, calib: str | None) -> list[dict]:
     from d2prune.data import source_info
 
     names = ([calib] if calib else []) + [
-        (args.eval_data_path if (i == 0 and args.eval_data_path) else e) for i, e in enumerate(args.eval) if e.lower() != "none"
+        (args.eval_data_path if (i == 0 and args.eval_data_path) else e)
+        for i, e in enumerate(args.eval)
+        if e.lower() != "none"
     ]
     out = []
     for name in names:

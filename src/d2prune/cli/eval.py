@@ -35,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if distributed.current().rank > 0:  # only rank 0 prints and writes
         return 0
     record.update(perplexity=ppl, timings=timings, sources=common.sources(args, None), seqlen=args.seqlen)
-    rows = [{"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]}
-            for k, v in ppl.get("model", {}).items()]
+    rows = [
+        {"set": k, "ppl": v["ppl"], "windows": v["n_windows"], "tokens": v["n_tokens"]}
+        for k, v in ppl.get("model", {}).items()
+    ]
     if rows:
         print(format_table(rows, ["set", "ppl", "windows", "tokens"]))
     if output_dir:

@@ -24,16 +24,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up steps, then linear decay (default 5)")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     ft.add_argument("--batch-size", type=int, default=1, help="blocks per forward (default 1)")
-    ft.add_argument("--effective-batch-size", type=int, default=128,
-                    help="blocks per optimizer step, by gradient accumulation (default 128)")
+    ft.add_argument(
+        "--effective-batch-size",
+        type=int,
+        default=128,
+        help="blocks per optimizer step, by gradient accumulation (default 128)",
+    )
     ft.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     ft.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default 16)")
     ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input (default 0.05)")
-    ft.add_argument("--lora-targets", default="q_proj,v_proj", help="comma list of linear names (default q_proj,v_proj)")
+    ft.add_argument(
+        "--lora-targets", default="q_proj,v_proj", help="comma list of linear names (default q_proj,v_proj)"
+    )
     ft.add_argument("--save-steps", type=int, default=None, help="checkpoint every K optimizer steps (and at the end)")
-    ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
-    ft.add_argument("--save", choices=["merged", "adapter", "both", "none"], default="merged",
-                    help="OUTPUT_DIR/model (merged, plain transformers), OUTPUT_DIR/adapter (masked LoRA), both, none")
+    ft.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints"
+    )
+    ft.add_argument(
+        "--save",
+        choices=["merged", "adapter", "both", "none"],
+        default="merged",
+        help="OUTPUT_DIR/model (merged, plain transformers), OUTPUT_DIR/adapter (masked LoRA), both, none",
+    )
     ft.add_argument("--eval-before", action="store_true", help="also measure perplexity before fine-tuning")
 
 
@@ -42,10 +54,20 @@ def finetune_config(args: argparse.Namespace):
     from d2prune.finetune import FinetuneConfig
 
     return FinetuneConfig(
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        effective_batch_size=args.effective_batch_size, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, save_steps=args.save_steps, seed=args.seed, device=args.device,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        effective_batch_size=args.effective_batch_size,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        device=args.device,
         progress=not args.no_progress,
     )
 
@@ -88,19 +110,36 @@ def train_evaluate_save(args: argparse.Namespace, model, tokenizer, record: dict
     ppl: dict[str, dict] = {}
 
     t0 = time.perf_counter()
-    blocks = get_train_blocks(tokenizer, args.data, block_size=args.block_size, max_samples=args.max_train_samples,
-                              data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
+    blocks = get_train_blocks(
+        tokenizer,
+        args.data,
+        block_size=args.block_size,
+        max_samples=args.max_train_samples,
+        data_dir=args.data_dir_path,
+        cache_dir=args.cache_dir_path,
+    )
     timings["train_data"] = time.perf_counter() - t0
     if args.max_train_samples and len(blocks) < args.max_train_samples:
-        logging.getLogger("d2prune").warning("%s holds only %d blocks of %d tokens (asked for %d)", args.data,
-                                             len(blocks), args.block_size, args.max_train_samples)
+        logging.getLogger("d2prune").warning(
+            "%s holds only %d blocks of %d tokens (asked for %d)",
+            args.data,
+            len(blocks),
+            args.block_size,
+            args.max_train_samples,
+        )
     if args.eval_before:
         t0 = time.perf_counter()
         common.evaluate(model, tokenizer, args, "before", ppl)
         timings["eval_before"] = time.perf_counter() - t0
 
-    report = finetune(model, blocks, config, checkpoint_dir=output_dir / "checkpoints", resume=args.resume,
-                      sparsity_record=sparsity_record)
+    report = finetune(
+        model,
+        blocks,
+        config,
+        checkpoint_dir=output_dir / "checkpoints",
+        resume=args.resume,
+        sparsity_record=sparsity_record,
+    )
     timings["train"] = report.train_seconds
     info = {k: v for k, v in report.to_dict().items() if k != "loss_curve"}
     if args.save in ("adapter", "both"):
@@ -116,25 +155,46 @@ def train_evaluate_save(args: argparse.Namespace, model, tokenizer, record: dict
     if args.save in ("merged", "both"):
         t0 = time.perf_counter()
         saved = dict(sparsity_record or {})
-        saved.update(overall_sparsity=zeros_after / max(report.weights, 1),
-                     linears={n: z / w for n, (z, w) in after.items()},
-                     finetune={"base_model": args.model, **info})
+        saved.update(
+            overall_sparsity=zeros_after / max(report.weights, 1),
+            linears={n: z / w for n, (z, w) in after.items()},
+            finetune={"base_model": args.model, **info},
+        )
         record["saved_model"] = str(save_pruned(model, tokenizer, output_dir / "model", saved))
         timings["save"] = time.perf_counter() - t0
 
     plot = plot_loss(report.loss_curve, output_dir / "loss.png", title=f"masked LoRA on {args.model}")
     record.update(
-        finetune=info, loss_curve=report.loss_curve, loss_plot=str(plot) if plot else None,
-        data={"source": args.data, "block_size": args.block_size, "blocks": report.n_blocks,
-              "blocks_seen": report.blocks_seen, "tokens_seen": report.tokens_seen},
-        sparsity={"before": report.overall_sparsity, "after": zeros_after / max(report.weights, 1),
-                  "zeros_before": report.zeros, "zeros_after": zeros_after, "weights": report.weights},
-        sources=common.sources(args, args.data), perplexity=ppl, timings=timings, seed=args.seed, seqlen=args.seqlen,
+        finetune=info,
+        loss_curve=report.loss_curve,
+        loss_plot=str(plot) if plot else None,
+        data={
+            "source": args.data,
+            "block_size": args.block_size,
+            "blocks": report.n_blocks,
+            "blocks_seen": report.blocks_seen,
+            "tokens_seen": report.tokens_seen,
+        },
+        sparsity={
+            "before": report.overall_sparsity,
+            "after": zeros_after / max(report.weights, 1),
+            "zeros_before": report.zeros,
+            "zeros_after": zeros_after,
+            "weights": report.weights,
+        },
+        sources=common.sources(args, args.data),
+        perplexity=ppl,
+        timings=timings,
+        seed=args.seed,
+        seqlen=args.seqlen,
     )
-    row = {"steps": report.steps, "tokens": report.tokens_seen,
-           "first loss": report.loss_curve[0]["loss"] if report.loss_curve else None,
-           "last loss": report.loss_curve[-1]["loss"] if report.loss_curve else None,
-           "sparsity": zeros_after / max(report.weights, 1)}
+    row = {
+        "steps": report.steps,
+        "tokens": report.tokens_seen,
+        "first loss": report.loss_curve[0]["loss"] if report.loss_curve else None,
+        "last loss": report.loss_curve[-1]["loss"] if report.loss_curve else None,
+        "sparsity": zeros_after / max(report.weights, 1),
+    }
     for name in args.eval:
         if name.lower() != "none":
             if args.eval_before:
@@ -144,4 +204,3 @@ def train_evaluate_save(args: argparse.Namespace, model, tokenizer, record: dict
     print(format_table([row], list(row)))
     print(f"run record: {write_json_atomic(output_dir / 'run.json', record)}")
     return 0
-

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from d2prune.cli import attention, common, eval as eval_command, finetune, prune
+from d2prune.cli import attention, common, finetune, prune
+from d2prune.cli import eval as eval_command
 from d2prune.cli.options import Parser
 from d2prune.engine import distributed
 from d2prune.errors import UserError
@@ -48,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(args, "interrupt_hint", None) or "no run record or model was written for this run"
         print(f"d2prune: interrupted; {hint}", file=sys.stderr)
         if args.command == "finetune" and args.save_steps:
-            print(f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
-                  file=sys.stderr)
+            print(
+                f"d2prune: rerun with --resume to continue from the checkpoints in {args.output_dir}/checkpoints",
+                file=sys.stderr,
+            )
         return 130
     finally:
         if joined:

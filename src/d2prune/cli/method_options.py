@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from d2prune.cli.options import argument_group
 from d2prune.config import PruneConfig
@@ -59,8 +60,9 @@ def method_options() -> list[MethodOption]:
         hints = typing.get_type_hints(cls) if fields else {}  # only where needed: annotations may not resolve
         for f in fields:
             flag = f.metadata["flags"][0]
-            metadata.setdefault(flag, {**f.metadata, "_type": hints[f.name],
-                                       "_default": f.metadata.get("cli_default", f.default)})
+            metadata.setdefault(
+                flag, {**f.metadata, "_type": hints[f.name], "_default": f.metadata.get("cli_default", f.default)}
+            )
             owners.setdefault(flag, []).append(name)
     return [
         MethodOption(tuple(md["flags"]), _dest(md["flags"]), md, tuple(n for n in METHODS if n in owners[flag]))
@@ -175,11 +177,16 @@ def check_heldout_request(args: argparse.Namespace, method: MethodConfig) -> Non
     """A held-out choice asked of a method without that option is a mistake."""
     opt = heldout_option()
     if opt is not None and heldout_request(args) and not _has_option(method, opt.flag):
-        raise UserError(f"{heldout_request(args)} applies to {opt.metadata['heldout']['for']} "
-                        f"({', '.join(opt.methods)}), not to {method.name}")
+        raise UserError(
+            f"{heldout_request(args)} applies to {opt.metadata['heldout']['for']} "
+            f"({', '.join(opt.methods)}), not to {method.name}"
+        )
 
 
 def text_sources(args: argparse.Namespace, method: MethodConfig) -> list[tuple[str, str, str]]:
     """(field, what for, source) of each text source the user gave for ``method`` (e.g. --gradient-source)."""
-    return [(f.name, f.metadata["text_source"], source) for f in _option_fields(type(method))
-            if f.metadata.get("text_source") and (source := getattr(args, _dest(f.metadata["flags"]), None))]
+    return [
+        (f.name, f.metadata["text_source"], source)
+        for f in _option_fields(type(method))
+        if f.metadata.get("text_source") and (source := getattr(args, _dest(f.metadata["flags"]), None))
+    ]

@@ -24,12 +24,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--data-dir", "--data_dir", default=None, help="data folder (env D2PRUNE_DATA; default ../shared/data)")
-    p.add_argument("--cache-dir", "--data_cache_dir", default=None, help="token cache folder (default ~/.cache/d2prune)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration and evaluation window (default 2048)")
+    p.add_argument(
+        "--data-dir", "--data_dir", default=None, help="data folder (env D2PRUNE_DATA; default ../shared/data)"
+    )
+    p.add_argument(
+        "--cache-dir", "--data_cache_dir", default=None, help="token cache folder (default ~/.cache/d2prune)"
+    )
+    p.add_argument(
+        "--seqlen", type=int, default=2048, help="tokens per calibration and evaluation window (default 2048)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument(
-        "--eval", "--eval_dataset", dest="eval", nargs="+", default=["wikitext2"],
+        "--eval",
+        "--eval_dataset",
+        dest="eval",
+        nargs="+",
+        default=["wikitext2"],
         help="perplexity sets: wikitext2, ptb, a text file, or 'none' (default wikitext2)",
     )
     p.add_argument("--eval-data-path", "--eval_data_path", default=None, help="file or folder for the (first) eval set")
@@ -37,25 +47,48 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward (default 1)")
     p.add_argument("--output-dir", "--output_dir", default=None, help="folder for run.json (and the saved model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--dist-timeout", type=float, default=None,
-                   help=f"under torchrun: seconds to wait for another rank before failing "
-                        f"(env {distributed.TIMEOUT_ENV}; default {distributed.DEFAULT_TIMEOUT_S:g})")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help=f"under torchrun: seconds to wait for another rank before failing "
+        f"(env {distributed.TIMEOUT_ENV}; default {distributed.DEFAULT_TIMEOUT_S:g})",
+    )
     mem = p.add_argument_group("memory")
-    mem.add_argument("--offload", default="auto",
-                     help="disk: stream one decoder layer at a time from the safetensors folder; none: load the "
-                          "whole model; auto (default): disk when the weights exceed --offload-threshold of free RAM")
-    mem.add_argument("--offload-threshold", type=float, default=0.5,
-                     help="fraction of the available memory that auto offloading allows (default 0.5; under "
-                          "torchrun shared equally by the ranks of a machine)")
-    mem.add_argument("--activation-offload", default="auto",
-                     help="calibration activations in ram, in memory-mapped files on disk, or auto (default: disk "
-                          "when they exceed --offload-threshold of free RAM)")
+    mem.add_argument(
+        "--offload",
+        default="auto",
+        help="disk: stream one decoder layer at a time from the safetensors folder; none: load the "
+        "whole model; auto (default): disk when the weights exceed --offload-threshold of free RAM",
+    )
+    mem.add_argument(
+        "--offload-threshold",
+        type=float,
+        default=0.5,
+        help="fraction of the available memory that auto offloading allows (default 0.5; under "
+        "torchrun shared equally by the ranks of a machine)",
+    )
+    mem.add_argument(
+        "--activation-offload",
+        default="auto",
+        help="calibration activations in ram, in memory-mapped files on disk, or auto (default: disk "
+        "when they exceed --offload-threshold of free RAM)",
+    )
     zs = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness, offline task data from the data dir)")
-    zs.add_argument("--zero-shot", "--eval-zero-shot", "--eval_zero_shot", dest="zero_shot", action="store_true",
-                    help="also run the zero-shot tasks")
-    zs.add_argument("--tasks", default="paper",
-                    help="comma list (boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa), "
-                         "'paper' (the first seven, default) or 'all'")
+    zs.add_argument(
+        "--zero-shot",
+        "--eval-zero-shot",
+        "--eval_zero_shot",
+        dest="zero_shot",
+        action="store_true",
+        help="also run the zero-shot tasks",
+    )
+    zs.add_argument(
+        "--tasks",
+        default="paper",
+        help="comma list (boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa), "
+        "'paper' (the first seven, default) or 'all'",
+    )
     zs.add_argument("--limit", type=int, default=None, help="first K items of each task (quick runs)")
     zs.add_argument("--zero-shot-batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
 

@@ -10,7 +10,13 @@ from typing import Any
 
 from d2prune.cli import common
 from d2prune.cli.method_options import (
-    add_method_choice, add_method_options, check_heldout_request, heldout_option, heldout_request, method_config_from_args, text_sources,
+    add_method_choice,
+    add_method_options,
+    check_heldout_request,
+    heldout_option,
+    heldout_request,
+    method_config_from_args,
+    text_sources,
 )
 from d2prune.cli.options import add_model_args, argument_group, layer_sparsities, pattern
 from d2prune.engine import distributed
@@ -23,29 +29,60 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(pr)
     add_method_choice(pr)
     pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
-    pr.add_argument("--pattern", "--sparsity_type", default="unstructured", help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)")
+    pr.add_argument(
+        "--pattern",
+        "--sparsity_type",
+        default="unstructured",
+        help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)",
+    )
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
     pr.add_argument("--prune_m", type=int, default=0, help=argparse.SUPPRESS)
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    pr.add_argument("--calib", "--cali_dataset", default="c4", help="calibration source: c4, a file or a folder (default c4)")
-    pr.add_argument("--calib-data-path", "--cali_data_path", default=None, help="file or folder for the calibration source")
+    pr.add_argument(
+        "--calib", "--cali_dataset", default="c4", help="calibration source: c4, a file or a folder (default c4)"
+    )
+    pr.add_argument(
+        "--calib-data-path", "--cali_data_path", default=None, help="file or folder for the calibration source"
+    )
     pr.add_argument("--batch-size", type=int, default=1, help="calibration windows per layer forward (default 1)")
     pr.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity first")
-    pr.add_argument("--save-model", "--save_model", nargs="?", const=True, default=None,
-                    help="save the pruned model (to PATH, or OUTPUT_DIR/model)")
+    pr.add_argument(
+        "--save-model",
+        "--save_model",
+        nargs="?",
+        const=True,
+        default=None,
+        help="save the pruned model (to PATH, or OUTPUT_DIR/model)",
+    )
     pr.add_argument("--no-measure-error", action="store_true", help="skip the reconstruction-error statistic (faster)")
-    pr.add_argument("--resume", default=None, metavar="OUT",
-                    help="continue an interrupted --offload disk run whose --output-dir was OUT (repeat its command)")
+    pr.add_argument(
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="continue an interrupted --offload disk run whose --output-dir was OUT (repeat its command)",
+    )
     ls = pr.add_argument_group("layer-wise sparsity")
-    ls.add_argument("--sparsity-profile", default="uniform", help="uniform (default) or owl (outlier-weighted, per layer)")
-    ls.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: per-layer sparsities within [p-λ, p+λ] (default 0.08)")
+    ls.add_argument(
+        "--sparsity-profile", default="uniform", help="uniform (default) or owl (outlier-weighted, per layer)"
+    )
+    ls.add_argument(
+        "--owl-lambda", type=float, default=0.08, help="OWL: per-layer sparsities within [p-λ, p+λ] (default 0.08)"
+    )
     ls.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, times the mean score (default 5)")
-    ls.add_argument("--layer-sparsities", nargs="+", default=None,
-                    help="explicit per-decoder-layer sparsities (numbers, or one JSON file holding a list)")
+    ls.add_argument(
+        "--layer-sparsities",
+        nargs="+",
+        default=None,
+        help="explicit per-decoder-layer sparsities (numbers, or one JSON file holding a list)",
+    )
     rf = argument_group(pr, REFIT_GROUP)
-    rf.add_argument("--refit", choices=["cg", "none"], default="none",
-                    help="cg: re-solve each pruned linear's kept weights for the least output error on its mask "
-                         "(batched preconditioned conjugate gradients); none (default): keep the method's weights")
+    rf.add_argument(
+        "--refit",
+        choices=["cg", "none"],
+        default="none",
+        help="cg: re-solve each pruned linear's kept weights for the least output error on its mask "
+        "(batched preconditioned conjugate gradients); none (default): keep the method's weights",
+    )
     rf.add_argument("--refit-iters", type=int, default=100, help="most CG iterations per linear (default 100)")
     hs = pr.add_argument_group(heldout_title())
     hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
@@ -83,11 +120,21 @@ def prune_config(args: argparse.Namespace, output_dir: Path | None, streamed: bo
     from d2prune.config import PruneConfig
 
     config = PruneConfig(
-        method=method_config_from_args(args), sparsity=args.sparsity, pattern=pattern(args), device=args.device,
-        batch_size=args.batch_size, measure_error=not args.no_measure_error, progress=not args.no_progress,
-        sparsity_profile=args.sparsity_profile, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
-        layer_sparsities=layer_sparsities(args.layer_sparsities), activation_offload=args.activation_offload,
-        offload_threshold=args.offload_threshold, refit=args.refit, refit_iters=args.refit_iters,
+        method=method_config_from_args(args),
+        sparsity=args.sparsity,
+        pattern=pattern(args),
+        device=args.device,
+        batch_size=args.batch_size,
+        measure_error=not args.no_measure_error,
+        progress=not args.no_progress,
+        sparsity_profile=args.sparsity_profile,
+        owl_lambda=args.owl_lambda,
+        owl_m=args.owl_m,
+        layer_sparsities=layer_sparsities(args.layer_sparsities),
+        activation_offload=args.activation_offload,
+        offload_threshold=args.offload_threshold,
+        refit=args.refit,
+        refit_iters=args.refit_iters,
         # Next to the output rather than in /tmp, which is often a RAM disk.
         activation_dir=str(output_dir / ".activations") if output_dir else None,
     )
@@ -106,8 +153,10 @@ def check_streamable(args: argparse.Namespace, config, output_dir: Path | None) 
     if output_dir is None:
         raise UserError("--offload disk writes the pruned model as it goes: it needs --output-dir")
     if config.method.chooses_on_heldout():
-        raise UserError(f"{heldout_request(args) or 'a held-out choice'} prunes several copies of the model in "
-                        f"memory; use --offload none")
+        raise UserError(
+            f"{heldout_request(args) or 'a held-out choice'} prunes several copies of the model in "
+            f"memory; use --offload none"
+        )
     obstacle = config.method.streaming_obstacle()
     if obstacle:
         raise UserError(f"{obstacle}; use --offload none")
@@ -119,10 +168,20 @@ def read_text_sources(args: argparse.Namespace, config, tokenizer) -> None:
 
     for field, what, source in text_sources(args, config.method):
         with distributed.current().sync(f"reading the {what} data"):
-            config.method = dataclasses.replace(config.method, **{field: get_calibration(
-                tokenizer, source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
-            )})
+            config.method = dataclasses.replace(
+                config.method,
+                **{
+                    field: get_calibration(
+                        tokenizer,
+                        source,
+                        nsamples=args.nsamples,
+                        seqlen=args.seqlen,
+                        seed=args.seed,
+                        data_dir=args.data_dir_path,
+                        cache_dir=args.cache_dir_path,
+                    )
+                },
+            )
 
 
 def prune_streamed(args: argparse.Namespace, calibration, config, output_dir: Path, record: dict):
@@ -134,22 +193,31 @@ def prune_streamed(args: argparse.Namespace, calibration, config, output_dir: Pa
         f"progress is kept in {work_dir(target)}; add --resume {output_dir} to the same command to continue"
         + (" (in one process, without torchrun)" if distributed.current().size > 1 else "")
     )
-    report, model = prune_checkpoint(args.model, calibration, config, target, dtype=args.dtype, resume=bool(args.resume))
+    report, model = prune_checkpoint(
+        args.model, calibration, config, target, dtype=args.dtype, resume=bool(args.resume)
+    )
     args.interrupt_hint = None
     record["saved_model"] = str(target)
     return report, model
 
 
-def prune_choosing_on_heldout(args: argparse.Namespace, model, tokenizer, calibration, config, calib_source: str,
-                              record: dict):
+def prune_choosing_on_heldout(
+    args: argparse.Namespace, model, tokenizer, calibration, config, calib_source: str, record: dict
+):
     """Prune once per held-out candidate and keep the best (``d2prune.selection``); records the choice."""
     from d2prune import selection
     from d2prune.data import get_heldout
 
     with distributed.current().sync("reading the held-out data"):
         heldout = get_heldout(
-            tokenizer, args.heldout_source or calib_source, nsamples=args.heldout_windows, seqlen=args.seqlen,
-            calib_nsamples=args.nsamples, calib_seed=args.seed, seed=args.heldout_seed, data_dir=args.data_dir_path,
+            tokenizer,
+            args.heldout_source or calib_source,
+            nsamples=args.heldout_windows,
+            seqlen=args.seqlen,
+            calib_nsamples=args.nsamples,
+            calib_seed=args.seed,
+            seed=args.heldout_seed,
+            data_dir=args.data_dir_path,
         )
     report, choice = selection.choose_on_heldout(model, calibration, heldout, config)
     choice["heldout_source"] = args.heldout_source or calib_source
@@ -158,10 +226,18 @@ def prune_choosing_on_heldout(args: argparse.Namespace, model, tokenizer, calibr
     return report
 
 
-def prune_model(args: argparse.Namespace, model, tokenizer, calibration, config, calib_source: str,
-                output_dir: Path | None, record: dict):
+def prune_model(
+    args: argparse.Namespace,
+    model,
+    tokenizer,
+    calibration,
+    config,
+    calib_source: str,
+    output_dir: Path | None,
+    record: dict,
+):
     """Prune the way the run asks: streamed from disk, choosing on held-out data, or plainly."""
-    from d2prune.engine.walk import prune
+    from d2prune.api import prune
 
     if isinstance(model, Path):
         return prune_streamed(args, calibration, config, output_dir, record)
@@ -170,8 +246,9 @@ def prune_model(args: argparse.Namespace, model, tokenizer, calibration, config,
     return prune(model, calibration, config), model
 
 
-def save(args: argparse.Namespace, model, tokenizer, report, output_dir: Path | None, record: dict,
-         timings: dict) -> None:
+def save(
+    args: argparse.Namespace, model, tokenizer, report, output_dir: Path | None, record: dict, timings: dict
+) -> None:
     """--save-model of a model pruned in memory (a streamed run has written it already)."""
     from d2prune.io.models import save_pruned
 
@@ -185,7 +262,8 @@ def save(args: argparse.Namespace, model, tokenizer, report, output_dir: Path | 
 def summary_row(args: argparse.Namespace, config, report, ppl: dict, timings: dict) -> dict[str, Any]:
     """The printed one-row summary: method, sparsity, perplexities, refit errors, seconds."""
     row = {
-        "method": config.method.name, "pattern": str(config.pattern),
+        "method": config.method.name,
+        "pattern": str(config.pattern),
         "target": config.pattern.sparsity if config.pattern.is_nm else config.sparsity,
         "achieved": report.overall_sparsity,
     }
@@ -224,8 +302,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with distributed.current().sync("reading the calibration data"):
         calibration = get_calibration(
-            tokenizer, calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-            data_dir=args.data_dir_path, cache_dir=args.cache_dir_path,
+            tokenizer,
+            calib_source,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            data_dir=args.data_dir_path,
+            cache_dir=args.cache_dir_path,
         )
     timings["calibration_data"] = time.perf_counter() - t0
     if args.eval_dense:
@@ -242,11 +325,20 @@ def run(args: argparse.Namespace) -> int:
     if distributed.current().rank > 0:  # only rank 0 saves, prints and writes the run record
         return 0
     record.update(
-        config=report.config, seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen,
-        sources=common.sources(args, calib_source), perplexity=ppl, timings=timings,
-        prune_timings=report.timings, overall_sparsity=report.overall_sparsity, nm_structure_ok=report.nm_ok,
-        layer_sparsities=report.layer_sparsities, outlier_ratios=report.outlier_ratios,
-        activations=report.activations, resumed_at_layer=report.resumed_at_layer,
+        config=report.config,
+        seed=args.seed,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        sources=common.sources(args, calib_source),
+        perplexity=ppl,
+        timings=timings,
+        prune_timings=report.timings,
+        overall_sparsity=report.overall_sparsity,
+        nm_structure_ok=report.nm_ok,
+        layer_sparsities=report.layer_sparsities,
+        outlier_ratios=report.outlier_ratios,
+        activations=report.activations,
+        resumed_at_layer=report.resumed_at_layer,
         linears=report.to_dict()["linears"],
     )
     if args.save_model and not streamed:

@@ -10,8 +10,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 
 
-def _sha256_file(path: Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+def _sha256_file(path: Path, h: hashlib._Hash | None = None) -> hashlib._Hash:
     h = h or hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -95,8 +96,12 @@ def tokenizer_identity(tokenizer) -> dict:
 
 
 def _source_identity(src: ResolvedSource) -> dict:
-    ident: dict[str, Any] = {"name": src.name.lower() if src.known else src.name, "layout": src.layout,
-                             "kind": src.kind, "purpose": src.purpose}
+    ident: dict[str, Any] = {
+        "name": src.name.lower() if src.known else src.name,
+        "layout": src.layout,
+        "kind": src.kind,
+        "purpose": src.purpose,
+    }
     if src.path is not None:
         ident["path"] = str(src.path)
         ident["files"] = _stat_ident(src.path)
@@ -157,15 +162,23 @@ def _cache_save(path: Path, key_json: str, tensor: torch.Tensor) -> None:
 
 
 def cached(
-    cache_dir: Path | str | bool | None, prefix: str, src: ResolvedSource, tokenizer, key: dict,
+    cache_dir: Path | str | bool | None,
+    prefix: str,
+    src: ResolvedSource,
+    tokenizer,
+    key: dict,
     compute: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
     """``compute()``, through the on-disk cache under a key of tokenizer, source and ``key``."""
     cdir = _cache_dir(cache_dir)
     if cdir is None:
         return compute()
-    full_key = {"version": CACHE_FORMAT_VERSION, **key, "tokenizer": tokenizer_identity(tokenizer),
-                "source": _source_identity(src)}
+    full_key = {
+        "version": CACHE_FORMAT_VERSION,
+        **key,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "source": _source_identity(src),
+    }
     path, key_json = _cache_path(cdir, prefix, src, full_key)
     hit = _cache_load(path, key_json)
     if hit is not None:

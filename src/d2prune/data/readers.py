@@ -213,4 +213,3 @@ def calibration_docs(corpus: Corpus) -> tuple[list[str], str | None]:
     text = eval_text(corpus)
     docs = [d for d in text.split("\n\n") if d.strip()]
     return docs, text
-

@@ -8,9 +8,10 @@ A name whose local file is missing falls back to the Hugging Face Hub. Nothing h
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from d2prune.errors import UserError
 
@@ -166,9 +167,7 @@ def _local_source(name: str, path: Path, purpose: Purpose, known: str | None) ->
     return ResolvedSource(name, "text", layout, purpose, path=path, known=known or text_known)
 
 
-def resolve_source(
-    name_or_path: str, data_dir: Path | None = None, purpose: Purpose | None = None
-) -> ResolvedSource:
+def resolve_source(name_or_path: str, data_dir: Path | None = None, purpose: Purpose | None = None) -> ResolvedSource:
     """Find a data source. Reads nothing but the file system; the hub is only contacted on load.
 
     ``purpose`` picks the split for known names ("calibration": train-like data, "eval": test data);
@@ -195,7 +194,9 @@ def resolve_source(
         if _is_hf_disk(folder):
             return _local_source(raw, folder, purpose, key)
         layout = {"c4": "docs", "wikitext2": "wikitext", "ptb": "ptb"}[key]  # type: ignore[assignment]
-        return ResolvedSource(raw, "hub", layout, purpose, hub=hub, known=key, tried=(local.resolve(), folder.resolve()))
+        return ResolvedSource(
+            raw, "hub", layout, purpose, hub=hub, known=key, tried=(local.resolve(), folder.resolve())
+        )
 
     path = Path(raw).expanduser()
     if path.exists():

@@ -63,8 +63,14 @@ class Activations:
     names carry it, so ranks can share a folder); None on one process.
     """
 
-    def __init__(self, mode: str, device: torch.device, folder: str | Path | None = None, threshold: float = 0.5,
-                 rank: int | None = None):
+    def __init__(
+        self,
+        mode: str,
+        device: torch.device,
+        folder: str | Path | None = None,
+        threshold: float = 0.5,
+        rank: int | None = None,
+    ):
         self.mode = check_mode(mode)
         self.device = torch.device(device)
         self.folder = Path(folder) if folder is not None else None

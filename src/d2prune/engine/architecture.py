@@ -60,8 +60,6 @@ _QKV_SETS = (
 )
 
 
-
-
 def owns_qkv(module: nn.Module) -> bool:
     """Whether ``module`` holds the q/k/v projections (separate or fused) as direct children."""
     children = dict(module.named_children())

@@ -85,7 +85,9 @@ def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, tor
     """Normalize the calibration data to a list of model-input dicts with ``input_ids``."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2:
-            raise UserError(f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}")
+            raise UserError(
+                f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}"
+            )
         calibration = [] if calibration.numel() == 0 else calibration.split(batch_size)
     batches = []
     for item in calibration if isinstance(calibration, Iterable) else [calibration]:
@@ -117,15 +119,19 @@ def _record_layer_calls(
     """Run every batch through the model with decoder layers 0..upto replaced by stand-ins; hands
     ``on_batch`` the batch index and each of those layers' (hidden states, positional args, keyword
     args). Layers before ``upto`` hand their input on unchanged; layer ``upto`` stops the forward pass."""
-    with standing_in(stack, range(upto + 1), record=True, stop_at=upto) as standins, \
-            outside_stack_on(model, stack, device):
+    with (
+        standing_in(stack, range(upto + 1), record=True, stop_at=upto) as standins,
+        outside_stack_on(model, stack, device),
+    ):
         for b, batch in enumerate(batches):
             try:
                 model(**to_device(batch, device), use_cache=False)
             except StopForward:
                 pass
             else:
-                raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling decoder layer {upto}")
+                raise RuntimeError(
+                    f"{type(model).__name__} finished a forward pass without calling decoder layer {upto}"
+                )
             on_batch(b, [standin.calls.pop() for standin in standins])
 
 

@@ -49,9 +49,13 @@ def find_producers(layer: nn.Module, linears: dict[str, nn.Linear], call_order: 
         if name not in rank or in_attention(parent):
             continue
         producers = [
-            other for other, o in linears.items()
-            if other != name and _parent(other) == parent and o.out_features == lin.in_features
-            and other in rank and rank[other] < rank[name]
+            other
+            for other, o in linears.items()
+            if other != name
+            and _parent(other) == parent
+            and o.out_features == lin.in_features
+            and other in rank
+            and rank[other] < rank[name]
         ]
         if producers:
             found[name] = producers

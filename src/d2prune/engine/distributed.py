@@ -121,7 +121,11 @@ class World:
         if not failed:
             return
         first = failed[0]
-        mine = None if failure is None else (str(failure) if flags[self.rank] == 2 else f"{type(failure).__name__}: {failure}")
+        mine = (
+            None
+            if failure is None
+            else (str(failure) if flags[self.rank] == 2 else f"{type(failure).__name__}: {failure}")
+        )
         message = [mine if self.rank == first else None]
         with self._collective(f"sharing rank {first}'s error"):
             dist.broadcast_object_list(message, src=first, group=self.control)
@@ -256,7 +260,9 @@ def current() -> World:
         backend = str(dist.get_backend())
         timeout_s = _timeout_from_env(None)
         # Flags and objects go through gloo, whose waits honour the timeout (NCCL's abort the process).
-        control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        control = (
+            None if backend == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        )
         _current = World(dist.get_rank(), dist.get_world_size(), backend, timeout_s, control)
         _current_group = dist.group.WORLD
     return _current
@@ -301,7 +307,9 @@ def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> tuple[
     if dev.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if dev.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-            raise UserError(f"with several ranks per machine pass --device cuda (rank r uses cuda:LOCAL_RANK), not {device}")
+            raise UserError(
+                f"with several ranks per machine pass --device cuda (rank r uses cuda:LOCAL_RANK), not {device}"
+            )
         dev = torch.device("cuda", dev.index if dev.index is not None else local)
         torch.cuda.set_device(dev)
         backend = "nccl"

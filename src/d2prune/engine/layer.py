@@ -148,8 +148,9 @@ def prune_layer(
     # pruners that permute (RIA with --ria-permute). All ranks hold every pruner here: same answer.
     producers: dict[str, list[str]] = {}
     if any(p.may_permute_inputs for p in pruners.values()):
-        producers = {c: ps for c, ps in find_producers(layer, linears, stats.order).items()
-                     if pruners[c].may_permute_inputs}
+        producers = {
+            c: ps for c, ps in find_producers(layer, linears, stats.order).items() if pruners[c].may_permute_inputs
+        }
     for name in producers:
         pruners[name].inputs_permutable = True
     perms: dict[str, torch.Tensor] = {}
@@ -164,7 +165,9 @@ def prune_layer(
                 continue
             # Popped, so each Gram (c×c) is freed as soon as the last linear reading it is done.
             pruner, gram = pruners.pop(name), stats.grams.pop(name, None)
-            last_use = gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values())
+            last_use = (
+                gram is not None and not config.measure_error and not any(g is gram for g in stats.grams.values())
+            )
             # The last reader gets it as a _LastUseGram: the refit if there is one, else the method.
             refit_gram = (_LastUseGram(gram) if last_use else gram) if name in refits else None
             if last_use and name not in refits:
@@ -239,8 +242,14 @@ def _prune_linear(
         pruned = new.to(lin.weight.dtype).float() if measure else None  # as stored without the refit
         # Values exactly representable in the weight's dtype, no kept one rounding to 0 there.
         new = refit_on_support(
-            old, new, refit_gram.hessian(), config.refit_percdamp, config.refit_iters, config.refit_tol,
-            dtype=lin.weight.dtype, consume_hessian=True,
+            old,
+            new,
+            refit_gram.hessian(),
+            config.refit_percdamp,
+            config.refit_iters,
+            config.refit_tol,
+            dtype=lin.weight.dtype,
+            consume_hessian=True,
         )
     lin.weight.data.copy_(new.to(lin.weight.dtype))
     del new

@@ -1,4 +1,4 @@
-"""The walk over the decoder layers of any decoder-only causal LM (spec §1.9 step 4).
+"""The walk over the decoder layers of any decoder-only causal LM (docs/methods.md#pipeline).
 
 For each decoder layer from ``start`` on: run the dense layer over all calibration windows with hooks
 on its linears (statistics), prune every linear, run the pruned layer again to make the next layer's
@@ -22,18 +22,12 @@ from d2prune.config import PruneConfig
 from d2prune.engine import distributed
 from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack
-from d2prune.engine.capture import calibration_batches, capture_inputs_and_arguments, capture_layer_inputs, to_device
+from d2prune.engine.capture import capture_inputs_and_arguments
 from d2prune.engine.executor import Executor
 from d2prune.engine.layer import prune_layer, run_layer
 from d2prune.methods.base import MethodConfig
 from d2prune.patterns import SparsityTarget
 from d2prune.report import PruneReport
-
-# Names other packages import from here (the walk's module before it was split).
-__all__ = [
-    "LayerStore", "calibration_batches", "capture_inputs_and_arguments", "capture_layer_inputs", "forward_layers",
-    "layers_in_turn", "prune_layers", "run_layer", "to_device",
-]
 
 
 class LayerStore:
@@ -52,8 +46,13 @@ class LayerStore:
 
     def activations(self, config: PruneConfig, device: torch.device) -> Activations:
         """Empty activation buffers, or a resumed run's (already holding the inputs of its next layer)."""
-        return Activations(config.activation_offload, device, config.activation_dir, config.offload_threshold,
-                           rank=distributed.current().file_rank)
+        return Activations(
+            config.activation_offload,
+            device,
+            config.activation_dir,
+            config.offload_threshold,
+            rank=distributed.current().file_rank,
+        )
 
     @contextmanager
     def outside_stack(self, device: torch.device) -> Iterator[None]:
@@ -116,7 +115,9 @@ def forward_layers(
 ) -> None:
     """Run decoder layers ``indices`` in turn over the activations (no pruning): each layer's
     outputs become the next one's inputs."""
-    for index, layer in layers_in_turn(stack, store, acts, indices, device, pruned=pruned, progress=progress, desc=desc):
+    for index, layer in layers_in_turn(
+        stack, store, acts, indices, device, pruned=pruned, progress=progress, desc=desc
+    ):
         run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs)
 
 
@@ -161,16 +162,38 @@ def prune_layers(
             timings["capture"] += time.perf_counter() - t0
             report.activations = acts.describe()
             t0 = time.perf_counter()
-            forward_layers(stack, store, acts, layer_extras, sizes, range(first, start), device, pruned=True,
-                           progress=config.progress, desc="re-running pruned layers")
+            forward_layers(
+                stack,
+                store,
+                acts,
+                layer_extras,
+                sizes,
+                range(first, start),
+                device,
+                pruned=True,
+                progress=config.progress,
+                desc="re-running pruned layers",
+            )
             if start > first:
                 timings["resume_forward"] = timings.get("resume_forward", 0.0) + time.perf_counter() - t0
             for index in tqdm(range(start, num_layers), desc="pruning layers", disable=not config.progress):
                 layer = layers[index]
                 with executor.sync(f"loading layer {index}"):
                     store.fetch(index, layer, device)
-                prune_layer(layer, index, stack, method, targets[index], config, acts, layer_extras[index], sizes,
-                            report, timings, executor)
+                prune_layer(
+                    layer,
+                    index,
+                    stack,
+                    method,
+                    targets[index],
+                    config,
+                    acts,
+                    layer_extras[index],
+                    sizes,
+                    report,
+                    timings,
+                    executor,
+                )
                 with executor.sync(f"saving layer {index}"):
                     store.release(index, layer, save=True)
                     acts.swap()

@@ -8,8 +8,9 @@ its public names are re-exported here.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from d2prune.errors import UserError
 from d2prune.evaluation.attention_metrics import (
@@ -87,9 +88,7 @@ def plot_attention_diagnostics(result: Mapping[str, Any], path: str | Path) -> P
     # Results measured against the same dense model share their dense curves: draw those once.
     dense_keys = ("entropy_dense", "topk_mass_dense")
     first_res = next(iter(results.values()))
-    shared_dense = all(
-        series(res, key) == series(first_res, key) for res in results.values() for key in dense_keys
-    )
+    shared_dense = all(series(res, key) == series(first_res, key) for res in results.values() for key in dense_keys)
     if shared_dense:
         x = series(first_res, "layer")
         ax_ent.plot(x, series(first_res, "entropy_dense"), "s--", color="black", alpha=0.7, label="dense")
@@ -214,8 +213,7 @@ def run_attention(
         },
         "inputs": {
             "data": source_info(str(data_source), data_dir_path, purpose="calibration"),
-            "windows": "held-out: drawn like calibration windows but with seed "
-            f"{seed} (calibration default 0)",
+            "windows": f"held-out: drawn like calibration windows but with seed {seed} (calibration default 0)",
             "pruned_sparsity": load_sparsity_record(pruned) if Path(str(pruned)).expanduser().is_dir() else None,
         },
         "versions": package_versions(),

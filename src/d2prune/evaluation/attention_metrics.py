@@ -22,8 +22,9 @@ Probabilities need the eager attention path: both models are switched to
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -260,7 +261,9 @@ def attention_diagnostics(
     2 · layers · batch_size · heads · T² floats, so keep ``batch_size`` small for long windows.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype.is_floating_point:
-        raise UserError(f"windows must be an integer tensor of shape (n, T), got {getattr(windows, 'shape', windows)!r}")
+        raise UserError(
+            f"windows must be an integer tensor of shape (n, T), got {getattr(windows, 'shape', windows)!r}"
+        )
     n, seqlen = (int(s) for s in windows.shape)
     if n < 1 or seqlen < 1:
         raise UserError(f"windows must hold at least one token window, got shape {tuple(windows.shape)}")
@@ -283,9 +286,11 @@ def attention_diagnostics(
     try:
         dense_model.eval()
         pruned_model.eval()
-        with eager_attention(dense_model, pruned_model), torch.inference_mode(), tqdm(
-            total=n, desc="attention", unit="win", disable=not progress
-        ) as bar:
+        with (
+            eager_attention(dense_model, pruned_model),
+            torch.inference_mode(),
+            tqdm(total=n, desc="attention", unit="win", disable=not progress) as bar,
+        ):
             for start in range(0, n, batch_size):
                 batch = windows[start : start + batch_size].long()
                 d_outs, d_probs = _capture(dense_model, dense_mods, batch.to(dev_dense))

@@ -1,4 +1,4 @@
-"""Perplexity on non-overlapping windows, the protocol of SparseGPT / Wanda / D²Prune (spec §1.9.6, §6)."""
+"""Perplexity on non-overlapping windows, the protocol of SparseGPT / Wanda / D²Prune (docs/evaluation.md#perplexity)."""
 
 from __future__ import annotations
 
@@ -63,10 +63,16 @@ def evaluate_ppl(
     starts = range(lo * batch_size, min(hi * batch_size, n_windows), batch_size)
     nll = torch.zeros(n_windows, dtype=torch.float64)
     try:
-        with torch.inference_mode(), world.sync("computing perplexity"), tqdm(
-            total=sum(min(batch_size, n_windows - s) for s in starts), desc="perplexity", unit="win",
-            disable=not progress,
-        ) as bar:
+        with (
+            torch.inference_mode(),
+            world.sync("computing perplexity"),
+            tqdm(
+                total=sum(min(batch_size, n_windows - s) for s in starts),
+                desc="perplexity",
+                unit="win",
+                disable=not progress,
+            ) as bar,
+        ):
             for start in starts:
                 batch = windows[start : start + batch_size].to(dev)
                 # Only this batch's logits are alive at a time: they are the big tensor here.
@@ -87,7 +93,9 @@ def eval_windows(
         raise UserError(f"seqlen must be an integer >= 2, got {seqlen!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
         raise UserError(f"max_windows must be a positive integer or None, got {max_windows!r}")
     flat = tokens.reshape(-1)
     n_windows = flat.numel() // seqlen

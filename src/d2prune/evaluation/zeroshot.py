@@ -20,8 +20,9 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -124,7 +125,9 @@ def _preserved_state(model: torch.nn.Module, offline: bool):
 def _metric_entry(task_results: dict, metric: str) -> tuple[float | None, float | None]:
     value = task_results.get(f"{metric},none")
     stderr = task_results.get(f"{metric}_stderr,none")
-    as_float = lambda v: float(v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else None
+    as_float = (
+        lambda v: float(v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else None
+    )
     return as_float(value), as_float(stderr)
 
 
@@ -225,7 +228,11 @@ def run_zero_shot(
 
     with tempfile.TemporaryDirectory(prefix="d2prune_zeroshot_") as tmp, _preserved_state(model, offline):
         task_manager, run_names, sources = _prepare_tasks(local, hub, data_dir, Path(tmp))
-        hflm_kwargs: dict[str, Any] = {"pretrained": model, "tokenizer": copy.deepcopy(tokenizer), "batch_size": batch_size}
+        hflm_kwargs: dict[str, Any] = {
+            "pretrained": model,
+            "tokenizer": copy.deepcopy(tokenizer),
+            "batch_size": batch_size,
+        }
         if add_bos_token is not None:
             hflm_kwargs["add_bos_token"] = add_bos_token
         lm = HFLM(**hflm_kwargs)
@@ -282,7 +289,13 @@ def format_zero_shot_table(result: dict[str, Any]) -> str:
 
     names = result.get("tasks") or [t for t in TASKS if t in result]
     rows = [
-        {"task": n, "metric": result[n]["metric"], "value": result[n]["value"], "stderr": result[n]["stderr"], "n": result[n]["n"]}
+        {
+            "task": n,
+            "metric": result[n]["metric"],
+            "value": result[n]["value"],
+            "stderr": result[n]["stderr"],
+            "n": result[n]["n"],
+        }
         for n in names
         if n in result
     ]

@@ -1,4 +1,4 @@
-"""LoRA recovery fine-tuning that keeps the sparsity mask (spec §1.9 item 9; the paper's ``main_lora.py``).
+"""LoRA recovery fine-tuning that keeps the sparsity mask (docs/finetune.md#defaults; the paper's ``main_lora.py``).
 
 A LoRA update s·BA is dense: merging it re-densifies a pruned linear, and masking it only after
 training ships a model that training never saw. Here every adapted linear computes, in training and

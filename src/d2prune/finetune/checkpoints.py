@@ -32,7 +32,7 @@ def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
 def latest_checkpoint(folder: Path) -> Path | None:
     """The complete checkpoint (one with state.json) of the highest step in ``folder``, or None."""
     done = [p for p in folder.glob(f"{_CKPT_PREFIX}*") if (p / "state.json").is_file()] if folder.is_dir() else []
-    return max(done, key=lambda p: int(p.name[len(_CKPT_PREFIX):])) if done else None
+    return max(done, key=lambda p: int(p.name[len(_CKPT_PREFIX) :])) if done else None
 
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], optimizer, state: dict) -> Path:

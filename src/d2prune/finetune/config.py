@@ -11,7 +11,7 @@ from d2prune.errors import UserError
 
 @dataclass
 class FinetuneConfig:
-    """LoRA hyper-parameters and the training schedule. Defaults follow Wanda's recipe (spec §1.9.9).
+    """LoRA hyper-parameters and the training schedule. Defaults follow Wanda's recipe (docs/finetune.md#defaults).
 
     ``effective_batch_size`` blocks make one optimizer step (``batch_size`` per forward, the rest by
     gradient accumulation). ``max_steps`` (optimizer steps) overrides ``epochs``. The learning rate
@@ -40,8 +40,12 @@ class FinetuneConfig:
         self.lora_targets = [t.strip() for t in self.lora_targets]
         if not self.lora_targets:
             raise UserError("--lora-targets names no module")
-        ints = {"lora_r": self.lora_r, "epochs": self.epochs, "batch_size": self.batch_size,
-                "effective_batch_size": self.effective_batch_size}
+        ints = {
+            "lora_r": self.lora_r,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "effective_batch_size": self.effective_batch_size,
+        }
         if self.max_steps is not None:
             ints["max_steps"] = self.max_steps
         if self.save_steps is not None:

@@ -94,8 +94,12 @@ def _lora_config(config: FinetuneConfig):
     from peft import LoraConfig
 
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_targets), bias="none", task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     register_masked(lora)
     return lora
@@ -118,7 +122,9 @@ def _check_targets(model: nn.Module, targets: list[str]) -> None:
             raise UserError(f"LoRA target {t!r} matches no module; the model's linears are named {', '.join(short)}")
         bad = [n for n in hits if n not in linears]
         if bad:
-            raise UserError(f"LoRA target {t!r} matches {bad[0]}, which is not a linear layer (only linears are adapted)")
+            raise UserError(
+                f"LoRA target {t!r} matches {bad[0]}, which is not a linear layer (only linears are adapted)"
+            )
 
 
 def masked_modules(model: nn.Module) -> dict[str, MaskedLoraLinear]:

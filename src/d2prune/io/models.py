@@ -18,18 +18,22 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from d2prune.errors import UserError
-from d2prune.io.folders import load_hf_folder, save_model_folder, torch_dtype
-from d2prune.io.gguf import DEFAULT_MODEL, load_gguf_cached, smollm2_gguf
 
 # Re-exported: public names that used to live here, and names d2prune.streaming still imports from
 # here (until it takes them from d2prune.io.atomic / d2prune.io.folders).
 from d2prune.io.atomic import move_into_place, write_synced  # noqa: F401
-from d2prune.io.folders import make_savable, record_text  # noqa: F401
-from d2prune.io.gguf import cache_gguf_as_hf  # noqa: F401
+from d2prune.io.folders import load_hf_folder, make_savable, record_text, save_model_folder, torch_dtype  # noqa: F401
+from d2prune.io.gguf import (
+    DEFAULT_MODEL,
+    cache_gguf_as_hf,  # noqa: F401
+    load_gguf_cached,
+    smollm2_gguf,
+)
 
 SPARSITY_FILE = "sparsity.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -21,16 +21,16 @@ See docs/methods.md (ALPS) for the derivation in our words and where we differ f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from d2prune.errors import UserError
-from d2prune.patterns import SparsityTarget
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
 from d2prune.methods.least_squares import damp_hessian, masked_pcg, nonzero_in
 from d2prune.methods.sparsegpt import PERCDAMP_OPTION
+from d2prune.patterns import SparsityTarget
 
 # score(Z̃, norm) -> selection score of every entry of Z̃ (normalised space; larger is kept).
 SupportScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,7 +123,11 @@ def alps_solve(
     wg = w_n @ g  # W̃G̃: the dense layer's outputs against the inputs
     rows, cols = w.shape
     pattern = target.pattern
-    kept = rows * cols * (pattern.m - pattern.n) // pattern.m if pattern.is_nm else rows * cols - target.prune_count(rows * cols)
+    kept = (
+        rows * cols * (pattern.m - pattern.n) // pattern.m
+        if pattern.is_nm
+        else rows * cols - target.prune_count(rows * cols)
+    )
     keep_total = max(kept, 1)  # support changes are counted relative to it
 
     b = w_n.clone()
@@ -180,7 +184,7 @@ class ALPSPruner(LinearPruner):
     needs_gram = True
     updates_weights = True
 
-    def __init__(self, name: str, weight: torch.Tensor, config: "ALPSConfig"):
+    def __init__(self, name: str, weight: torch.Tensor, config: ALPSConfig):
         super().__init__(name, weight)
         self.config = config
 
@@ -191,8 +195,9 @@ class ALPSPruner(LinearPruner):
         assert gram is not None
         c = self.config
         ngram = normalized_gram(gram, c.percdamp)
-        return alps_solve(weight, ngram, target, rho=c.rho, max_iters=c.admm_iters, cg_iters=c.cg_iters,
-                          score=self.support_score())
+        return alps_solve(
+            weight, ngram, target, rho=c.rho, max_iters=c.admm_iters, cg_iters=c.cg_iters, score=self.support_score()
+        )
 
     def work(self) -> int:
         # ~2 (rows × cols × cols) products per ADMM iteration, like an OBS update many times over.
@@ -203,7 +208,9 @@ class ALPSPruner(LinearPruner):
 OPTIONS_GROUP = "ALPS options (alps, d2alps)"
 RHO_OPTION = option("--alps-rho", help="initial ADMM penalty rho (default 0.1)", group=OPTIONS_GROUP)
 ADMM_ITERS_OPTION = option("--alps-iters", help="at most this many ADMM iterations (default 300)", group=OPTIONS_GROUP)
-CG_ITERS_OPTION = option("--alps-cg-iters", help="PCG iterations on the final support (default 10)", group=OPTIONS_GROUP)
+CG_ITERS_OPTION = option(
+    "--alps-cg-iters", help="PCG iterations on the final support (default 10)", group=OPTIONS_GROUP
+)
 
 
 @register

@@ -141,7 +141,7 @@ class LinearPruner:
         """Take the statistics summed over all ranks (the keys of ``statistics()``)."""
         for attr, stat in self._statistic_attributes().items():
             prefix = attr + "."
-            stat.load_statistics({k[len(prefix):]: t for k, t in sums.items() if k.startswith(prefix)})
+            stat.load_statistics({k[len(prefix) :]: t for k, t in sums.items() if k.startswith(prefix)})
 
     def work(self) -> int:
         """Relative cost of ``prune``, to balance linears over ranks: the weight's size, times its
@@ -210,18 +210,22 @@ class MethodConfig:
             return f"{self.name} needs a full-model gradient pass"
         return None
 
+    def requires_refit(self) -> bool:
+        """Whether an option of this method only works with the run-level refit (``PruneConfig.refit``)."""
+        return False
+
     def chooses_on_heldout(self) -> bool:
         """Whether some option is left to a choice on held-out data (``heldout_candidates``)."""
         return False
 
-    def heldout_candidates(self, linear_names: list[str]) -> dict[str, "MethodConfig"]:
+    def heldout_candidates(self, linear_names: list[str]) -> dict[str, MethodConfig]:
         """The configs to choose from on held-out data, by label, given a decoder layer's linears
         (``d2prune.selection`` prunes with each and keeps the best); empty: nothing to choose."""
         return {}
 
     def prepare(
         self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
-    ) -> "MethodConfig":
+    ) -> MethodConfig:
         """Model-level work before the layer walk, on the dense model and all calibration ``batches``
         (every rank's): returns the config to prune with. Default: unchanged."""
         return self
@@ -231,7 +235,7 @@ class MethodConfig:
         module path in the model is ``path`` (e.g. ``model.layers.3.self_attn.q_proj``)."""
         raise NotImplementedError
 
-    def resolve(self, model_info: dict[str, Any]) -> "MethodConfig":
+    def resolve(self, model_info: dict[str, Any]) -> MethodConfig:
         """Fill options that depend on the model (e.g. D²Prune's auto_s); default: unchanged."""
         return self
 

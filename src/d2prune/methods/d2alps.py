@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from d2prune.errors import UserError
-from d2prune.methods.alps import ADMM_ITERS_OPTION, CG_ITERS_OPTION, RHO_OPTION, ALPSPruner, SupportScore, magnitude_score
+from d2prune.methods.alps import (
+    ADMM_ITERS_OPTION,
+    CG_ITERS_OPTION,
+    RHO_OPTION,
+    ALPSPruner,
+    SupportScore,
+    magnitude_score,
+)
 from d2prune.methods.base import LinearPruner, register
 from d2prune.methods.d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_terms
 
@@ -26,7 +33,7 @@ from d2prune.methods.d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_
 class D2ALPSPruner(ALPSPruner):
     """ALPS whose projection score carries D²Prune's activation-perturbation terms."""
 
-    def __init__(self, name: str, weight: torch.Tensor, config: "D2ALPSConfig"):
+    def __init__(self, name: str, weight: torch.Tensor, config: D2ALPSConfig):
         super().__init__(name, weight, config)
         self.norms = NormStats(
             self.rows, self.cols, config.s, config.stats_mode, config.stats_mode == "reference", self.device

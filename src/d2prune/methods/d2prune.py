@@ -1,4 +1,4 @@
-"""D²Prune (AAAI 2026): dual-Taylor mask score + attention-aware update (spec §1.3–1.5).
+"""D²Prune (AAAI 2026): dual-Taylor mask score + attention-aware update (docs/methods.md#d2prune).
 
 Linears named in ``target_layers`` are pruned without weight update (D2-Wanda branch, per-row):
     S = W²·sr_j + r1·y_i·|W|·dx_j^e − r2·W²·dx_j²
@@ -22,12 +22,20 @@ from typing import Any
 import torch
 
 from d2prune.errors import UserError
-from d2prune.patterns import SparsityTarget, row_mask
 from d2prune.methods.base import (
-    REFIT_GROUP, Gram, LinearPruner, MethodConfig, Statistic, count_tensor, option, parse_names, register,
+    REFIT_GROUP,
+    Gram,
+    LinearPruner,
+    MethodConfig,
+    Statistic,
+    count_tensor,
+    option,
+    parse_names,
+    register,
 )
 from d2prune.methods.sparsegpt import BLOCKSIZE_OPTION, OPTIONS_GROUP, PERCDAMP_OPTION, obs_score, sparsegpt_solve
 from d2prune.methods.wanda import InputNormStats
+from d2prune.patterns import SparsityTarget, row_mask
 
 STATS_MODES = ("mean", "reference")
 
@@ -86,8 +94,11 @@ class NormStats(Statistic):
         if self.mode == "mean":
             return {"y": self.y_sum, "dx": self.dx_sum, "nsamples": count_tensor(self.nsamples, self.y.device)}
         last = self.nsamples  # K·a = Σ_{k ≤ K} k·n_k / s over this process's samples
-        return {"y": self.y.double() * last, "dx": self.dx.double() * last,
-                "nsamples": count_tensor(last - self.first, self.y.device)}
+        return {
+            "y": self.y.double() * last,
+            "dx": self.dx.double() * last,
+            "nsamples": count_tensor(last - self.first, self.y.device),
+        }
 
     def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
         self.nsamples, self.first = int(sums["nsamples"].item()), 0
@@ -144,7 +155,7 @@ class D2SparseGPTPruner(LinearPruner):
     needs_gram = True
     updates_weights = True
 
-    def __init__(self, name: str, weight: torch.Tensor, config: "D2PruneConfig"):
+    def __init__(self, name: str, weight: torch.Tensor, config: D2PruneConfig):
         super().__init__(name, weight)
         self.config = config
         self.norms = NormStats(
@@ -186,35 +197,72 @@ class D2PruneConfig(MethodConfig):
     name = "d2prune"
     heldout_record_key = "target_search"
 
-    s: float = field(default=1500.0, metadata=option("--s", help="activation scale s (default 1500)", group=OPTIONS_GROUP))
-    auto_s: bool = field(default=False, metadata=option(
-        "--auto-s", "--auto_s", help="s = the model's max_position_embeddings", group=OPTIONS_GROUP))
-    r1: float = field(default=1.0, metadata=option(
-        "--r1", help="weight λ1 of the y·|W|·x term (default 1)", group=OPTIONS_GROUP))
-    r2: float = field(default=0.0, metadata=option(
-        "--r2", help="weight λ2 of the W²x² term, subtracted (default 0)", group=OPTIONS_GROUP))
-    d2_wanda: bool = field(default=True, metadata=option(
-        "--d2-wanda", "--d2_wanda", help="D² terms in the no-update branch (default on)", group=OPTIONS_GROUP))
-    d2_sparsegpt: bool = field(default=True, metadata=option(
-        "--d2-sparsegpt", "--d2_sparsegpt", help="D² terms in the update branch (default on)", group=OPTIONS_GROUP))
-    target_layers: list[str] | str = field(default_factory=lambda: ["self_attn.k_proj"], metadata=option(
-        "--target-layers", "--target_layer_names", nargs="+", parse=_target_layers_option, group=OPTIONS_GROUP,
-        help="linears pruned without update (default self_attn.k_proj; 'none' for none)",
-        heldout={"value": AUTO, "choice": "the un-updated projection", "for": "methods with un-updated projections"},
-    ))
-    stats_mode: str = field(default="mean", metadata=option(
-        "--stats-mode", help="mean (default) or reference (bit-faithful recurrences)", group=OPTIONS_GROUP))
+    s: float = field(
+        default=1500.0, metadata=option("--s", help="activation scale s (default 1500)", group=OPTIONS_GROUP)
+    )
+    auto_s: bool = field(
+        default=False,
+        metadata=option("--auto-s", "--auto_s", help="s = the model's max_position_embeddings", group=OPTIONS_GROUP),
+    )
+    r1: float = field(
+        default=1.0, metadata=option("--r1", help="weight λ1 of the y·|W|·x term (default 1)", group=OPTIONS_GROUP)
+    )
+    r2: float = field(
+        default=0.0,
+        metadata=option("--r2", help="weight λ2 of the W²x² term, subtracted (default 0)", group=OPTIONS_GROUP),
+    )
+    d2_wanda: bool = field(
+        default=True,
+        metadata=option(
+            "--d2-wanda", "--d2_wanda", help="D² terms in the no-update branch (default on)", group=OPTIONS_GROUP
+        ),
+    )
+    d2_sparsegpt: bool = field(
+        default=True,
+        metadata=option(
+            "--d2-sparsegpt", "--d2_sparsegpt", help="D² terms in the update branch (default on)", group=OPTIONS_GROUP
+        ),
+    )
+    target_layers: list[str] | str = field(
+        default_factory=lambda: ["self_attn.k_proj"],
+        metadata=option(
+            "--target-layers",
+            "--target_layer_names",
+            nargs="+",
+            parse=_target_layers_option,
+            group=OPTIONS_GROUP,
+            help="linears pruned without update (default self_attn.k_proj; 'none' for none)",
+            heldout={
+                "value": AUTO,
+                "choice": "the un-updated projection",
+                "for": "methods with un-updated projections",
+            },
+        ),
+    )
+    stats_mode: str = field(
+        default="mean",
+        metadata=option(
+            "--stats-mode", help="mean (default) or reference (bit-faithful recurrences)", group=OPTIONS_GROUP
+        ),
+    )
     # X exponent of the r1 term in the no-update branch: 1 as in the paper and the authors'
-    # later release, 0 as in the first public release (spec §1.4).
-    wanda_x_exponent: float = field(default=1.0, metadata=option(
-        "--wanda-x-exponent", help="X exponent of the r1 term, no-update branch", group=OPTIONS_GROUP))
+    # later release, 0 as in the first public release (docs/methods.md#d2prune).
+    wanda_x_exponent: float = field(
+        default=1.0,
+        metadata=option("--wanda-x-exponent", help="X exponent of the r1 term, no-update branch", group=OPTIONS_GROUP),
+    )
     percdamp: float = field(default=0.01, metadata=PERCDAMP_OPTION)
     blocksize: int = field(default=128, metadata=BLOCKSIZE_OPTION)
     # Let a run-level refit (PruneConfig.refit) re-solve the weights of ``target_layers`` too.
-    refit_target_layers: bool = field(default=False, metadata=option(
-        "--refit-target-layers", help="D²Prune: refit its no-update --target-layers too (default: left as pruned)",
-        group=REFIT_GROUP, only_for="methods with no-update target layers",
-    ))
+    refit_target_layers: bool = field(
+        default=False,
+        metadata=option(
+            "--refit-target-layers",
+            help="D²Prune: refit its no-update --target-layers too (default: left as pruned)",
+            group=REFIT_GROUP,
+            only_for="methods with no-update target layers",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.stats_mode not in STATS_MODES:
@@ -223,6 +271,9 @@ class D2PruneConfig(MethodConfig):
             raise UserError(f"the activation scale s must be positive, got {self.s}")
         if self.target_layers != AUTO:
             self.target_layers = list(self.target_layers)
+
+    def requires_refit(self) -> bool:
+        return self.refit_target_layers
 
     def chooses_on_heldout(self) -> bool:
         return self.target_layers == AUTO
@@ -234,7 +285,7 @@ class D2PruneConfig(MethodConfig):
         candidates = [[n] for n in linear_names if _QKV.search(n)] + [[]]
         return {",".join(c) or "none": dataclasses.replace(self, target_layers=c) for c in candidates}
 
-    def resolve(self, model_info: dict[str, Any]) -> "D2PruneConfig":
+    def resolve(self, model_info: dict[str, Any]) -> D2PruneConfig:
         if self.auto_s:
             s = model_info.get("max_position_embeddings")
             if not s:
@@ -244,8 +295,10 @@ class D2PruneConfig(MethodConfig):
 
     def validate(self, linear_names: list[str], layer_class: str) -> None:
         if self.target_layers == AUTO:
-            raise UserError("target_layers 'auto' is chosen on held-out data: prune through "
-                            "d2prune.selection.choose_on_heldout (or the command line's --target-layers auto)")
+            raise UserError(
+                "target_layers 'auto' is chosen on held-out data: prune through "
+                "d2prune.selection.choose_on_heldout (or the command line's --target-layers auto)"
+            )
         unknown = [t for t in self.target_layers if t not in linear_names]
         if unknown:
             raise UserError(

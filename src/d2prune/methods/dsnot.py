@@ -8,7 +8,7 @@ kept weights, one pair per row and cycle, to drive each row's expected output er
 with W the dense weight, W' the current pruned one and s_j the per-sample token sum of input j
 averaged over the N calibration samples (the reference's ``sum_metric_row``, i.e. seqlen·E[x_j]; that
 scale is what its ``update_threshold`` = 0.1 is measured in). For a base without weight update this
-is the spec's Σ_{j pruned} W_ij·s_j.
+is DSnoT's Σ_{j pruned} W_ij·s_j (docs/methods.md#dsnot).
 
 Per cycle, in rows still updating (vectorised over rows):
   * regrow the pruned weight with the largest sign(e_i)·W_ij·s_j / Var[x_j]^γ among those whose
@@ -42,11 +42,18 @@ from typing import Any
 import torch
 
 from d2prune.errors import UserError
-from d2prune.patterns import SparsityTarget
 from d2prune.methods.base import (
-    Gram, LinearPruner, MethodConfig, Statistic, count_tensor, method_config, option, register,
+    Gram,
+    LinearPruner,
+    MethodConfig,
+    Statistic,
+    count_tensor,
+    method_config,
+    option,
+    register,
 )
 from d2prune.methods.wanda import InputNormStats
+from d2prune.patterns import SparsityTarget
 
 # Linears left as the base pruned them, by default the MLP ones (the reference's skip_layer=mlp):
 # "mlp" names the MLP block of LLaMA-like, GPT-NeoX and Phi-3 layers, fc1/fc2 OPT's MLP linears.
@@ -82,8 +89,12 @@ class MeanVarStats(Statistic):
 
     def statistics(self) -> dict[str, torch.Tensor]:
         device = self.sum.device
-        return {"sum": self.sum, "sq_sum": self.sq_sum,
-                "ntokens": count_tensor(self.ntokens, device), "nsamples": count_tensor(self.nsamples, device)}
+        return {
+            "sum": self.sum,
+            "sq_sum": self.sq_sum,
+            "ntokens": count_tensor(self.ntokens, device),
+            "nsamples": count_tensor(self.nsamples, device),
+        }
 
     def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
         self.sum, self.sq_sum = sums["sum"], sums["sq_sum"]
@@ -135,8 +146,9 @@ def dsnot_refine(
     wanda = out.abs() * sq_norm.float().sqrt().unsqueeze(0)
     rows_idx = torch.arange(rows, device=out.device)
     if target.pattern.is_nm:
-        regrown, pruned_now = _nm_swaps(e0, sign, r_idx, r_ok, gain, loss, prune_ok, wanda,
-                                        target.pattern.m, update_threshold)
+        regrown, pruned_now = _nm_swaps(
+            e0, sign, r_idx, r_ok, gain, loss, prune_ok, wanda, target.pattern.m, update_threshold
+        )
     else:
         score = torch.where(prune_ok, wanda, float("inf"))
         p_idx = torch.sort(score, dim=1, stable=True).indices[:, :steps]
@@ -191,7 +203,7 @@ def _nm_swaps(e0, sign, r_idx, r_ok, gain, loss, prune_ok, wanda, m, threshold):
 class DSnoTPruner(LinearPruner):
     """Wraps the base method's pruner: both observe the inputs; the base's mask is then refined."""
 
-    def __init__(self, name: str, weight: torch.Tensor, base: LinearPruner, config: "DSnoTConfig"):
+    def __init__(self, name: str, weight: torch.Tensor, base: LinearPruner, config: DSnoTConfig):
         super().__init__(name, weight)
         self.base = base
         self.config = config
@@ -209,8 +221,17 @@ class DSnoTPruner(LinearPruner):
     def prune(self, weight: torch.Tensor, target: SparsityTarget, gram: Gram | None) -> torch.Tensor:
         pruned = self.base.prune(weight, target, gram)
         c = self.config
-        return dsnot_refine(weight, pruned, self.moments.token_sum(), self.moments.variance(), self.norms.sq_norm,
-                            target, c.max_cycles, c.update_threshold, c.gamma)
+        return dsnot_refine(
+            weight,
+            pruned,
+            self.moments.token_sum(),
+            self.moments.variance(),
+            self.norms.sq_norm,
+            target,
+            c.max_cycles,
+            c.update_threshold,
+            c.gamma,
+        )
 
     # Data-parallel statistics: ours plus the base pruner's, under a "base." prefix.
 
@@ -251,22 +272,44 @@ class DSnoTConfig(MethodConfig):
     [] refines every linear)."""
 
     name = "dsnot"
-    base: Any = field(default="wanda", metadata=option(
-        "--dsnot-base", group=OPTIONS_GROUP, method_name=True,
-        help="method whose mask DSnoT refines, with its own options from the flags here (default wanda)",
-    ))
-    max_cycles: int = field(default=50, metadata=option(
-        "--dsnot-cycles", help="at most this many swaps per row (default 50)", group=OPTIONS_GROUP))
-    update_threshold: float = field(default=0.1, metadata=option(
-        "--dsnot-threshold", help="stop a row once its |expected error| is at most this (default 0.1)",
-        group=OPTIONS_GROUP))
-    gamma: float = field(default=1.0, metadata=option(
-        "--dsnot-gamma", help="variance exponent of the regrow ranking (default 1)", group=OPTIONS_GROUP))
-    skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP), metadata=option(
-        "--dsnot-skip", nargs="+", parse=_skip_option, group=OPTIONS_GROUP,
-        help="linears left as the base pruned them, by name or a dot part of it "
-             "(default: mlp fc1 fc2, the MLP linears; 'none' for none)",
-    ))
+    base: Any = field(
+        default="wanda",
+        metadata=option(
+            "--dsnot-base",
+            group=OPTIONS_GROUP,
+            method_name=True,
+            help="method whose mask DSnoT refines, with its own options from the flags here (default wanda)",
+        ),
+    )
+    max_cycles: int = field(
+        default=50,
+        metadata=option("--dsnot-cycles", help="at most this many swaps per row (default 50)", group=OPTIONS_GROUP),
+    )
+    update_threshold: float = field(
+        default=0.1,
+        metadata=option(
+            "--dsnot-threshold",
+            help="stop a row once its |expected error| is at most this (default 0.1)",
+            group=OPTIONS_GROUP,
+        ),
+    )
+    gamma: float = field(
+        default=1.0,
+        metadata=option(
+            "--dsnot-gamma", help="variance exponent of the regrow ranking (default 1)", group=OPTIONS_GROUP
+        ),
+    )
+    skip: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SKIP),
+        metadata=option(
+            "--dsnot-skip",
+            nargs="+",
+            parse=_skip_option,
+            group=OPTIONS_GROUP,
+            help="linears left as the base pruned them, by name or a dot part of it "
+            "(default: mlp fc1 fc2, the MLP linears; 'none' for none)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.base = method_config(self.base)
@@ -283,13 +326,13 @@ class DSnoTConfig(MethodConfig):
             raise UserError(f"dsnot gamma (variance exponent) must be ≥ 0, got {self.gamma}")
         self.skip = [str(p) for p in self.skip]
 
-    def resolve(self, model_info: dict[str, Any]) -> "DSnoTConfig":
+    def resolve(self, model_info: dict[str, Any]) -> DSnoTConfig:
         base = self.base.resolve(model_info)
         return self if base is self.base else dataclasses.replace(self, base=base)
 
     def prepare(
         self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
-    ) -> "DSnoTConfig":
+    ) -> DSnoTConfig:
         base = self.base.prepare(model, batches, device, progress)
         return self if base is self.base else dataclasses.replace(self, base=base)
 
@@ -307,5 +350,11 @@ class DSnoTConfig(MethodConfig):
         return base if skipped(name, self.skip) else DSnoTPruner(name, weight, base, self)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "base": self.base.to_dict(), "max_cycles": self.max_cycles,
-                "update_threshold": self.update_threshold, "gamma": self.gamma, "skip": list(self.skip)}
+        return {
+            "name": self.name,
+            "base": self.base.to_dict(),
+            "max_cycles": self.max_cycles,
+            "update_threshold": self.update_threshold,
+            "gamma": self.gamma,
+            "skip": list(self.skip),
+        }

@@ -1,11 +1,11 @@
-"""The gradient statistic of gradient-based pruning metrics (Pruner-Zero, GBLM-Pruner; spec §4).
+"""The gradient statistic of gradient-based pruning metrics (Pruner-Zero, GBLM-Pruner; docs/methods.md#pruner-zero).
 
 For every linear of every decoder layer, G = sqrt(Σ_k (scale·g_k)²) with g_k = ∂L_k/∂W, where L_k is
 the causal-LM loss of calibration window k over all its tokens. Each window is its own sample, even
 when a batch holds several. The sums are float32, whatever the model dtype.
 
 The pass only *reads* gradients: no optimizer, so the weights stay bit-identical (the D²Prune repo's
-baseline steps AdamW here, spec §1.10.6). Dropout is off (eval mode), only the decoder linears'
+baseline steps AdamW here, see docs/methods.md#pruner-zero). Dropout is off (eval mode), only the decoder linears'
 weights require grad during the pass, and ``requires_grad`` flags, train/eval modes and devices are
 restored afterwards. Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is touched.
 
@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 
 from d2prune.engine import distributed
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack, find_linears
-from d2prune.errors import UserError
 from d2prune.engine.capture import calibration_batches, capture_layer_inputs, outside_stack_on, tensors_on, to_device
 from d2prune.engine.standin import standing_in
+from d2prune.errors import UserError
 
 CACHE_FORMAT = "d2prune-gradients"
 
@@ -201,8 +201,10 @@ def _head_gradients(model, stack, windows, last_hidden, device, template) -> tor
     """∂L_k/∂h_k for the last decoder layer's output h_k of each window (CPU, model dtype)."""
     grads = torch.empty_like(last_hidden)
     # The first stand-in returns the last hidden state, the others hand it on.
-    with standing_in(stack, range(len(stack.layers)), rest=template) as standins, \
-            outside_stack_on(model, stack, device):
+    with (
+        standing_in(stack, range(len(stack.layers)), rest=template) as standins,
+        outside_stack_on(model, stack, device),
+    ):
         for k, window in enumerate(windows):
             hidden = last_hidden[k : k + 1].to(device).requires_grad_(True)
             standins[0].inject = hidden
@@ -276,7 +278,6 @@ def _normalize(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
 
 
 # --------------------------------------------------------------------------------------------------

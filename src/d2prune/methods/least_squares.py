@@ -1,4 +1,4 @@
-"""Exact least squares on a fixed support: the weights a mask deserves (docs: ALPS §4, refits).
+"""Exact least squares on a fixed support: the weights a mask deserves (docs/methods.md#least-squares).
 
 For one linear with dense weight W (rows × cols) and damped Hessian H (cols × cols), a mask with
 support S_i in each row i asks for

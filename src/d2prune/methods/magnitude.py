@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from d2prune.patterns import SparsityTarget, row_mask
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig, register
+from d2prune.patterns import SparsityTarget, row_mask
 
 
 class MagnitudePruner(LinearPruner):

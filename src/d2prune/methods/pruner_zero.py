@@ -1,5 +1,5 @@
 """Pruner-Zero (Dong et al., ICML 2024): the evolved metric S = |W ⊙ W| ⊙ mms(G), per output row,
-no weight update (spec §4).
+no weight update (docs/methods.md#pruner-zero).
 
 G = sqrt(Σ_k (100·∂L_k/∂W)²) over the calibration windows is computed once, on the dense model,
 before the layer-wise pass (``d2prune.methods.gradients``, run by ``PrunerZeroConfig.prepare``), so
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from d2prune.errors import UserError
-from d2prune.patterns import SparsityTarget, row_mask
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, optional_text, register
+from d2prune.patterns import SparsityTarget, row_mask
 
 
 def min_max_scale(g: torch.Tensor) -> torch.Tensor:
@@ -56,19 +56,35 @@ class PrunerZeroConfig(MethodConfig):
     needs_gradients = True
 
     gradients: dict[str, torch.Tensor] | None = field(
-        default=None, repr=False, compare=False, metadata={"help": "G by full module path"})
-    gradient_cache: str | None = field(default=None, metadata=option(
-        "--gradient-cache", help="safetensors file to store / reuse the gradient statistic",
-        group=OPTIONS_GROUP, parse=optional_text))
-    gradient_source: Any = field(default=None, repr=False, compare=False, metadata=option(
-        "--gradient-source", help="text for the gradient pass (default: the calibration source)",
-        group=OPTIONS_GROUP, text_source="gradient"))
+        default=None, repr=False, compare=False, metadata={"help": "G by full module path"}
+    )
+    gradient_cache: str | None = field(
+        default=None,
+        metadata=option(
+            "--gradient-cache",
+            help="safetensors file to store / reuse the gradient statistic",
+            group=OPTIONS_GROUP,
+            parse=optional_text,
+        ),
+    )
+    gradient_source: Any = field(
+        default=None,
+        repr=False,
+        compare=False,
+        metadata=option(
+            "--gradient-source",
+            help="text for the gradient pass (default: the calibration source)",
+            group=OPTIONS_GROUP,
+            text_source="gradient",
+        ),
+    )
     gradient_origin: str | None = field(  # set by attach_gradients
-        default=None, compare=False, metadata={"help": "where G came from: computed, cache or given"})
+        default=None, compare=False, metadata={"help": "where G came from: computed, cache or given"}
+    )
 
     def prepare(
         self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
-    ) -> "PrunerZeroConfig":
+    ) -> PrunerZeroConfig:
         """G from ``gradients``, the cache, or a gradient pass over the dense model."""
         # Imported here: gradients.py imports the engine, which imports the methods package.
         from d2prune.methods.gradients import attach_gradients

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from d2prune.errors import UserError
-from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask, row_mask
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
 from d2prune.methods.wanda import InputNormStats
+from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask, row_mask
 
 GROUPS = ("linear", "row")
 # Groups per linear-sum-assignment problem: the score matrix costs blocks·B²·rows·M, so large linears
@@ -104,7 +104,7 @@ def have_scipy() -> bool:
 
 
 class RIAPruner(LinearPruner):
-    def __init__(self, name: str, weight: torch.Tensor, config: "RIAConfig"):
+    def __init__(self, name: str, weight: torch.Tensor, config: RIAConfig):
         super().__init__(name, weight)
         self.config = config
         self.may_permute_inputs = config.permute
@@ -146,8 +146,11 @@ class RIAPruner(LinearPruner):
             if have_scipy():
                 perm = lsa_refine(score, perm, n, m)
             else:
-                warnings.warn("ria: scipy is not installed, so the channel permutation skips its "
-                              "linear-sum-assignment refinement (zig-zag heuristic only)", stacklevel=2)
+                warnings.warn(
+                    "ria: scipy is not installed, so the channel permutation skips its "
+                    "linear-sum-assignment refinement (zig-zag heuristic only)",
+                    stacklevel=2,
+                )
         kept = retained_nm_score(score[:, perm], n, m).double().sum()
         if kept <= retained_nm_score(score, n, m).double().sum():
             return None
@@ -166,14 +169,28 @@ class RIAConfig(MethodConfig):
 
     name = "ria"
 
-    a: float = field(default=0.5, metadata=option(
-        "--ria-a", help="exponent a of the activation norm ‖X_j‖₂^a (default 0.5)", group=OPTIONS_GROUP))
-    group: str = field(default="linear", metadata=option(
-        "--ria-group", help="comparison group: linear (one threshold per matrix, default) or row",
-        group=OPTIONS_GROUP))
-    permute: bool = field(default=False, metadata=option(
-        "--ria-permute", help="N:M channel permutation where exact (MLP down/fc2 inputs, with their producers)",
-        group=OPTIONS_GROUP))
+    a: float = field(
+        default=0.5,
+        metadata=option(
+            "--ria-a", help="exponent a of the activation norm ‖X_j‖₂^a (default 0.5)", group=OPTIONS_GROUP
+        ),
+    )
+    group: str = field(
+        default="linear",
+        metadata=option(
+            "--ria-group",
+            help="comparison group: linear (one threshold per matrix, default) or row",
+            group=OPTIONS_GROUP,
+        ),
+    )
+    permute: bool = field(
+        default=False,
+        metadata=option(
+            "--ria-permute",
+            help="N:M channel permutation where exact (MLP down/fc2 inputs, with their producers)",
+            group=OPTIONS_GROUP,
+        ),
+    )
     # No command-line option: the linear-sum-assignment refinement is always on there.
     lsa: bool = field(default=True, metadata={"help": "refine the permutation by linear-sum assignment"})
 

@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh, ICML 2023): OBS mask + weight update per 128-column block (spec §2).
+"""SparseGPT (Frantar & Alistarh, ICML 2023): OBS mask + weight update per 128-column block (docs/methods.md#sparsegpt).
 
 The solver takes an optional block score so D²Prune's update branch can reuse it with its own mask
 score; the OBS update itself is the same for both.
@@ -7,14 +7,14 @@ score; the OBS update itself is the same for both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from d2prune.errors import UserError
-from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
+from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ def obs_score(w1: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
     return w1.pow(2) / d.pow(2).unsqueeze(0)
 
 
-def inverse_hessian_factor(
-    hessian: torch.Tensor, percdamp: float, name: str, overwrite: bool = False
-) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str, overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of the damped H⁻¹ (H⁻¹ = UᵀU), retrying with 10× damping.
 
     ``overwrite=True`` lets it use ``hessian``'s memory (its contents are lost): then at most two
@@ -133,21 +131,28 @@ class SparseGPTPruner(LinearPruner):
     needs_gram = True
     updates_weights = True
 
-    def __init__(self, name: str, weight: torch.Tensor, config: "SparseGPTConfig"):
+    def __init__(self, name: str, weight: torch.Tensor, config: SparseGPTConfig):
         super().__init__(name, weight)
         self.config = config
 
     def prune(self, weight: torch.Tensor, target: SparsityTarget, gram: Gram | None) -> torch.Tensor:
         assert gram is not None
         return sparsegpt_solve(
-            weight, gram.hessian(), target, self.config.percdamp, self.config.blocksize, name=self.name,
+            weight,
+            gram.hessian(),
+            target,
+            self.config.percdamp,
+            self.config.blocksize,
+            name=self.name,
             consume_hessian=True,
         )
 
 
 # Shared by the methods that damp a Hessian or solve it in column blocks (one flag each).
 OPTIONS_GROUP = "D²Prune / SparseGPT options"
-PERCDAMP_OPTION = option("--percdamp", help="Hessian damping, fraction of mean diag (default 0.01)", group=OPTIONS_GROUP)
+PERCDAMP_OPTION = option(
+    "--percdamp", help="Hessian damping, fraction of mean diag (default 0.01)", group=OPTIONS_GROUP
+)
 BLOCKSIZE_OPTION = option("--blocksize", help="SparseGPT column block (default 128)", group=OPTIONS_GROUP)
 
 

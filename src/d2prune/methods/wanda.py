@@ -1,4 +1,4 @@
-"""Wanda (Sun et al., ICLR 2024): score |W_ij|·‖X_j‖₂, per output row, no weight update (spec §3)."""
+"""Wanda (Sun et al., ICLR 2024): score |W_ij|·‖X_j‖₂, per output row, no weight update (docs/methods.md#wanda)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from d2prune.patterns import SparsityTarget, row_mask
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig, Statistic, count_tensor, register
+from d2prune.patterns import SparsityTarget, row_mask
 
 
 class InputNormStats(Statistic):

@@ -27,7 +27,20 @@ from d2prune.streaming.run import prune_checkpoint
 from d2prune.streaming.store import StreamedStore
 
 __all__ = [
-    "INDEX_FILE", "KILL_ENV", "PROGRESS_FILE", "RESUME_UNDER_TORCHRUN", "Checkpoint", "StreamedModel", "StreamedStore",
-    "StreamingLayers", "checkpoint_bytes", "evaluate_streamed", "is_streamable", "limit_heap_retention",
-    "prune_checkpoint", "read_progress", "resolve_offload", "work_dir",
+    "INDEX_FILE",
+    "KILL_ENV",
+    "PROGRESS_FILE",
+    "RESUME_UNDER_TORCHRUN",
+    "Checkpoint",
+    "StreamedModel",
+    "StreamedStore",
+    "StreamingLayers",
+    "checkpoint_bytes",
+    "evaluate_streamed",
+    "is_streamable",
+    "limit_heap_retention",
+    "prune_checkpoint",
+    "read_progress",
+    "resolve_offload",
+    "work_dir",
 ]

@@ -17,15 +17,21 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # safetensors header dtype names → torch dtypes (the ones checkpoints hold).
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
 
 def _torch_dtype(name: str) -> torch.dtype:
     from d2prune.io.models import _torch_dtype as parse
-
 
     return parse(name)
 
@@ -50,14 +56,12 @@ class Checkpoint:
     ``*.safetensors`` file in it.
     """
 
-
     def __init__(self, folder: str | Path, weight_map: dict[str, str] | None = None):
         self.folder = Path(folder)
         if weight_map is None:
             weight_map = self._find_weight_map()
         self.weight_map = dict(weight_map)
         self._headers: dict[str, dict] = {}
-
 
     def _find_weight_map(self) -> dict[str, str]:
         index = self.folder / INDEX_FILE
@@ -74,10 +78,8 @@ class Checkpoint:
             )
         return {name: f.name for f in files for name in _read_header(f)}
 
-
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
-
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """Stored dtype and shape of tensor ``name``."""
@@ -87,7 +89,6 @@ class Checkpoint:
         entry = self._headers[file][name]
         return _ST_DTYPES.get(entry["dtype"], torch.float32), tuple(entry["shape"])
 
-
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Tensors ``names``; floating-point ones in ``dtype`` (as ``from_pretrained`` casts them).
 
@@ -96,7 +97,6 @@ class Checkpoint:
         and the copies keep no page of it resident.
         """
         from safetensors import safe_open
-
 
         by_file: dict[str, list[str]] = {}
         for name in names:
@@ -112,7 +112,6 @@ class Checkpoint:
                     out[name] = t.to(device=device, dtype=target, copy=True)
                     del t
         return out
-
 
     def files_fingerprint(self) -> list[list]:
         """(file, size, mtime) of every weight file: a resumed run must read the same checkpoint."""

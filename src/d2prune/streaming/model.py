@@ -37,11 +37,9 @@ class StreamedModel:
     the names the output checkpoint uses.
     """
 
-
     def __init__(self, folder: str | Path, dtype: str = "float32"):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
-
 
         limit_heap_retention()
         self.folder = Path(folder).expanduser()
@@ -62,7 +60,6 @@ class StreamedModel:
         self.model = model
         self.stack: DecoderStack = find_decoder_stack(model)
 
-
         # Every slot a parameter occupies (tied weights occupy two), under its first name.
         self._slots: dict[str, list[tuple[nn.Module, str]]] = {}
         first: dict[int, str] = {}
@@ -82,7 +79,6 @@ class StreamedModel:
             )
         self._head = self._head_only_names()
 
-
     def _name_maps(self) -> tuple[dict[str, str], dict[str, str]]:
         """Model name → checkpoint name (as ``from_pretrained`` renames keys on loading), and model
         name → output name (as ``save_pretrained`` renames them back, e.g. GPT-NeoX's ``embed_out``)."""
@@ -93,7 +89,6 @@ class StreamedModel:
             rename_source_key,
             revert_weight_conversion,
         )
-
 
         model = self.model
         transforms = get_model_conversion_mapping(model)
@@ -118,31 +113,24 @@ class StreamedModel:
         out_name = {n: by_id.get(id(t), n) for n, t in placeholders.items()}
         return key, out_name
 
-
     def _head_only_names(self) -> set[str]:
         """Parameters that only the output head uses (an untied lm_head): never needed to prune."""
         head = self.model.get_output_embeddings()
         if head is None:
             return set()
-        return {
-            name for name, slots in self._slots.items() if all(module is head for module, _ in slots)
-        }
-
+        return {name for name, slots in self._slots.items() if all(module is head for module, _ in slots)}
 
     # ---------------------------------------------------------------------------------------------
     def layer_prefix(self, index: int) -> str:
         return f"{self.stack.path}.{index}."
 
-
     def names_under(self, prefix: str) -> list[str]:
         return [n for n in self.names if n.startswith(prefix)]
-
 
     def outside_names(self, head: bool = False) -> list[str]:
         """Tensors outside the decoder stack (without the head-only ones unless ``head``)."""
         stack = self.stack.path + "."
         return [n for n in self.names if not n.startswith(stack) and (head or n not in self._head)]
-
 
     def load(self, names: list[str], device: torch.device | str, source: Checkpoint | None = None) -> None:
         """Read tensors ``names`` from ``source`` (default: the input checkpoint) into the model.
@@ -160,7 +148,6 @@ class StreamedModel:
         for name in present:
             self._set(name, tensors.pop(keys[name]))
 
-
     def release(self, names: list[str]) -> None:
         """Free parameters ``names`` (back to the meta device); buffers are small and stay."""
         for name in names:
@@ -168,7 +155,6 @@ class StreamedModel:
                 module, attr = self._slots[name][0]
                 p = getattr(module, attr)
                 self._set(name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
-
 
     def _set(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._slots:
@@ -179,18 +165,15 @@ class StreamedModel:
             owner, _, attr = name.rpartition(".")
             self.model.get_submodule(owner)._buffers[attr] = tensor
 
-
     def tensor(self, name: str) -> torch.Tensor:
         if name in self._slots:
             module, attr = self._slots[name][0]
             return getattr(module, attr).data
         return self.model.get_buffer(name)
 
-
     def materialized(self) -> list[str]:
         """Names of the parameters that currently hold data (not on the meta device)."""
         return [n for n in self._slots if not self.tensor(n).is_meta]
-
 
     @contextmanager
     def loaded(self, names: list[str], device: torch.device | str) -> Iterator[None]:
@@ -199,7 +182,6 @@ class StreamedModel:
             yield
         finally:
             self.release(names)
-
 
     def stored_bytes(self, name: str) -> int:
         """Bytes of tensor ``name`` as written to the output (floating point in the model dtype)."""
@@ -215,21 +197,17 @@ class StreamedModel:
 class StreamingLayers(LayerStore):
     """Layers read from the checkpoint for their turn and freed after it (nothing is written)."""
 
-
     def __init__(self, streamed: StreamedModel):
         super().__init__()
         self.streamed = streamed
-
 
     @contextmanager
     def outside_stack(self, device: torch.device) -> Iterator[None]:
         with self.streamed.loaded(self.streamed.outside_names(), device):
             yield
 
-
     def fetch(self, index: int, layer: nn.Module, device: torch.device, pruned: bool = False) -> None:
         self.streamed.load(self.streamed.names_under(self.streamed.layer_prefix(index)), device)
-
 
     def release(self, index: int, layer: nn.Module, save: bool) -> None:
         self.streamed.release(self.streamed.names_under(self.streamed.layer_prefix(index)))

@@ -35,7 +35,6 @@ def evaluate_streamed(
     rank reads ``folder``) and the per-window NLLs are summed over ranks."""
     from d2prune.evaluation.perplexity import eval_windows, perplexity_result
 
-
     world = distributed.current()
     streamed = StreamedModel(folder, dtype)
     dev = torch.device(device)
@@ -53,11 +52,16 @@ def evaluate_streamed(
     return perplexity_result(nll.tolist(), seqlen)
 
 
-def _streamed_nlls(streamed: StreamedModel, batches: list[dict], dev: torch.device, activation_offload: str,
-                   threshold: float, progress: bool) -> list[float]:
+def _streamed_nlls(
+    streamed: StreamedModel,
+    batches: list[dict],
+    dev: torch.device,
+    activation_offload: str,
+    threshold: float,
+    progress: bool,
+) -> list[float]:
     """Per window of ``batches``: the NLL of ``evaluate.window_nlls``, one decoder layer at a time."""
     from d2prune.evaluation.perplexity import window_nlls
-
 
     model, stack = streamed.model, streamed.stack
     sizes = [b["input_ids"].shape[0] for b in batches]
@@ -66,8 +70,18 @@ def _streamed_nlls(streamed: StreamedModel, batches: list[dict], dev: torch.devi
     try:
         with store.outside_stack(dev):
             _, extras = capture_inputs_and_arguments(model, stack, batches, dev, acts)
-        forward_layers(stack, store, acts, extras, sizes, range(len(stack.layers)), dev, pruned=False,
-                       progress=progress, desc="perplexity (layers)")
+        forward_layers(
+            stack,
+            store,
+            acts,
+            extras,
+            sizes,
+            range(len(stack.layers)),
+            dev,
+            pruned=False,
+            progress=progress,
+            desc="perplexity (layers)",
+        )
         nlls: list[float] = []
         head = streamed.outside_names(head=True)
         # The first stand-in returns the last layer's outputs, the others hand them on.

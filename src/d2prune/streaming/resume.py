@@ -67,7 +67,6 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     import ast
 
-
     raw = base64.b64decode(state["torch"])
     torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     random.setstate(ast.literal_eval(state["python"]))
@@ -125,16 +124,20 @@ def check_resumable(progress: dict, fingerprint: dict, work: Path, ranks: int) -
     threads = progress.get("torch_threads")
     if threads != torch.get_num_threads():
         # Float sums are split differently across threads: still a valid result, not a bit-identical one.
-        print(f"d2prune: warning: the interrupted run used {threads} torch threads, this one "
-              f"{torch.get_num_threads()}; the result may differ from an uninterrupted run in the last bits",
-              file=sys.stderr)
+        print(
+            f"d2prune: warning: the interrupted run used {threads} torch threads, this one "
+            f"{torch.get_num_threads()}; the result may differ from an uninterrupted run in the last bits",
+            file=sys.stderr,
+        )
     saved_ranks = progress.get("ranks", 1)
     if saved_ranks != ranks:
         # Its ranks summed the statistics in another order; its activation files were per rank,
         # so the pruned layers are re-run here.
-        print(f"d2prune: warning: the interrupted run ran on {saved_ranks} ranks (torchrun), this one on "
-              f"{ranks}; the result may differ from an uninterrupted run in the last bits",
-              file=sys.stderr)
+        print(
+            f"d2prune: warning: the interrupted run ran on {saved_ranks} ranks (torchrun), this one on "
+            f"{ranks}; the result may differ from an uninterrupted run in the last bits",
+            file=sys.stderr,
+        )
 
 
 def restore_report(report: PruneReport, progress: dict) -> int:

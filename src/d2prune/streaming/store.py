@@ -60,7 +60,6 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one safetensors shard via a temporary name, synced: a listed shard is a complete one."""
     from safetensors.torch import save_file
 
-
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as fh:
@@ -79,7 +78,6 @@ class StreamedStore(StreamingLayers):
     progress record and the rest of the output (``finish``).
     """
 
-
     def __init__(self, streamed: StreamedModel, target: Path, fingerprint: dict, resume: bool):
         super().__init__(streamed)
         self.world = distributed.current()
@@ -94,10 +92,8 @@ class StreamedStore(StreamingLayers):
         self._rng: dict | None = None
         self.work.mkdir(parents=True, exist_ok=True)
 
-
     def _layer_file(self, index: int) -> str:
         return self.files[len(self.rest) + index]
-
 
     def restore(self, report: PruneReport) -> int:
         if self.progress is None:
@@ -107,15 +103,14 @@ class StreamedStore(StreamingLayers):
         self._rng = self.progress["rng"]
         return restore_report(report, self.progress)
 
-
     def activations(self, config: PruneConfig, device: torch.device) -> Activations:
-        acts = Activations(config.activation_offload, device, self.work, config.offload_threshold,
-                           rank=self.world.file_rank)
+        acts = Activations(
+            config.activation_offload, device, self.work, config.offload_threshold, rank=self.world.file_rank
+        )
         saved = (self.progress or {}).get("activations") or {}
         if saved.get("storage") == "disk" and config.activation_offload != "ram":
             acts.reopen(tuple(saved["shape"]), _torch_dtype(saved["dtype"]), saved["current"])
         return acts
-
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device, pruned: bool = False) -> None:
         names = self.layers[index]
@@ -128,7 +123,6 @@ class StreamedStore(StreamingLayers):
             self._rng = None
         self.streamed.load(names, device)
 
-
     def release(self, index: int, layer: nn.Module, save: bool) -> None:
         names = self.layers[index]
         if save:
@@ -138,25 +132,25 @@ class StreamedStore(StreamingLayers):
             self.weight_map.update({self.streamed.out_name[n]: file for n in names})
         self.streamed.release(names)
 
-
     def layer_done(self, index: int, report: PruneReport, activations: Activations) -> None:
         from d2prune.io.record import write_json_atomic
-
 
         activations.flush()
         if self.world.rank > 0:  # rank 0 records the progress (its own activation files)
             self._kill_if_asked(index)
             return
-        write_json_atomic(self.work / PROGRESS_FILE, progress_record(
-            self.fingerprint, index + 1, len(self.layers), self.weight_map, activations, report, self.world.size))
+        write_json_atomic(
+            self.work / PROGRESS_FILE,
+            progress_record(
+                self.fingerprint, index + 1, len(self.layers), self.weight_map, activations, report, self.world.size
+            ),
+        )
         self._kill_if_asked(index)
-
 
     @staticmethod
     def _kill_if_asked(index: int) -> None:
         if os.environ.get(KILL_ENV, "") == str(index):
             os.kill(os.getpid(), signal.SIGKILL)
-
 
     def close(self, activations: Activations, completed: bool) -> None:
         # An interrupted run keeps its activation files: a resume starts from them.
@@ -166,7 +160,6 @@ class StreamedStore(StreamingLayers):
                 self.work.rmdir()
             except OSError:
                 pass
-
 
     def finish(self, sparsity_record: dict) -> Path:
         """Write the tensors outside the stack, the index, config, tokenizer files and the sparsity
@@ -178,7 +171,6 @@ class StreamedStore(StreamingLayers):
             record_text,
             write_synced,
         )
-
 
         streamed = self.streamed
         # Activation files an interrupted run left (e.g. other ranks' when one process resumed a
@@ -194,7 +186,10 @@ class StreamedStore(StreamingLayers):
             del tensors, out
         total = sum(streamed.stored_bytes(n) for n in streamed.names)
         ordered = {streamed.out_name[n]: self.weight_map[streamed.out_name[n]] for n in streamed.names}
-        write_synced(self.work / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": ordered}, indent=2) + "\n")
+        write_synced(
+            self.work / INDEX_FILE,
+            json.dumps({"metadata": {"total_size": total}, "weight_map": ordered}, indent=2) + "\n",
+        )
         config = streamed.model.config
         config.dtype = streamed.dtype
         config.use_cache = True  # the saved model is for inference; it is off only while pruning
@@ -203,8 +198,12 @@ class StreamedStore(StreamingLayers):
         finally:
             config.use_cache = False
         for src in streamed.folder.iterdir():
-            if src.is_file() and not src.name.startswith(".") and src.name not in _NOT_COPIED \
-                    and not src.name.endswith(_NOT_COPIED_SUFFIXES):
+            if (
+                src.is_file()
+                and not src.name.startswith(".")
+                and src.name not in _NOT_COPIED
+                and not src.name.endswith(_NOT_COPIED_SUFFIXES)
+            ):
                 shutil.copyfile(src, self.work / src.name)
         write_synced(self.work / SPARSITY_FILE, record_text(sparsity_record))
         (self.work / PROGRESS_FILE).unlink(missing_ok=True)

@@ -14,9 +14,9 @@ Pure Python: no lm-eval, torch or datasets import, so the converters can be chec
 from __future__ import annotations
 
 import bz2
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from d2prune.data import parse_json_lines
 from d2prune.errors import UserError
@@ -45,15 +45,28 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         LocalTask("boolq", "super_glue/boolq/default.yaml", "validation", ("val.jsonl",), 3270, "aps/super_glue:boolq"),
         LocalTask("rte", "glue/rte/default.yaml", "validation", ("val.jsonl",), 277, "nyu-mll/glue:rte"),
         LocalTask(
-            "hellaswag", "hellaswag/hellaswag.yaml", "validation", ("hellaswag_val_full.txt.bz2",), 10042, "Rowan/hellaswag"
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            "validation",
+            ("hellaswag_val_full.txt.bz2",),
+            10042,
+            "Rowan/hellaswag",
         ),
         LocalTask(
-            "winogrande", "winogrande/default.yaml", "validation", ("dev.jsonl", "dev-labels.lst"), 1267,
+            "winogrande",
+            "winogrande/default.yaml",
+            "validation",
+            ("dev.jsonl", "dev-labels.lst"),
+            1267,
             "allenai/winogrande:winogrande_xl",
         ),
         LocalTask("arc_easy", "arc/arc_easy.yaml", "test", ("ARC-Easy-Test.jsonl",), 2376, "allenai/ai2_arc:ARC-Easy"),
         LocalTask(
-            "arc_challenge", "arc/arc_challenge.yaml", "test", ("ARC-Challenge-Test.jsonl",), 1172,
+            "arc_challenge",
+            "arc/arc_challenge.yaml",
+            "test",
+            ("ARC-Challenge-Test.jsonl",),
+            1172,
             "allenai/ai2_arc:ARC-Challenge",
         ),
         LocalTask("openbookqa", "openbookqa/openbookqa.yaml", "test", ("test.jsonl",), 500, "allenai/openbookqa:main"),
