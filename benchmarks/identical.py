@@ -146,9 +146,10 @@ def compare(before: dict, after: dict) -> list[str]:
         if a["weights_sha256"] != b["weights_sha256"]:
             bad = [t for t in b["tensors"] if a["tensors"].get(t) != b["tensors"][t]]
             problems.append(f"{name}: weights differ in {len(bad)} tensors, e.g. {bad[:3]}")
-        if a["record"] != b["record"]:
-            keys = sorted(set(a["record"]) | set(b["record"]))
-            diff = [k for k in keys if a["record"].get(k) != b["record"].get(k)]
+        ra, rb = stable(a["record"]), stable(b["record"])  # files written before a field became volatile
+        if ra != rb:
+            keys = sorted(set(ra) | set(rb))
+            diff = [k for k in keys if ra.get(k) != rb.get(k)]
             problems.append(f"{name}: run.json differs in {diff}")
     return problems
 

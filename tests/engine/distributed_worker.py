@@ -8,7 +8,7 @@ with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set (as torchrun sets them). Sce
   decoder weights and report summary as OUT/<case>.rank<r>.pt. Then one rank raises inside pruning
   (a UserError, then a RuntimeError) and every rank records what it saw in OUT/errors.rank<r>.json.
 * ``hang``: rank 1 stops answering (sleeps past the timeout); rank 0 prunes and records what it saw.
-* ``streamed``: prune the checkpoint OUT/src streamed from disk (``offload.prune_checkpoint``, disk
+* ``streamed``: prune the checkpoint OUT/src streamed from disk (``d2prune.streaming.prune_checkpoint``, disk
   activations) into OUT/full, evaluate it layer by layer, then prune it into OUT/interrupted, stopped
   after layer 1 (as by Ctrl-C), and try to resume that under torchrun; every rank records what it
   saw in OUT/streamed.rank<r>.json.

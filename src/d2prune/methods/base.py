@@ -1,7 +1,7 @@
 """The interface every pruning method implements, and the method registry.
 
 A method sees one linear at a time: it observes batches of (input, output) of that linear and then
-prunes its weight. It never sees layers or models; the pipeline owns those.
+prunes its weight. It never sees layers or models; the engine (``d2prune.engine``) owns those.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class Statistic:
     """Calibration statistics accumulated over samples, which data-parallel ranks can sum.
 
     On one process only ``add``-style accumulation runs. With several ranks (``d2prune.engine.distributed``)
-    each rank observes a share of the calibration windows; the pipeline then sums every tensor of
+    each rank observes a share of the calibration windows; the engine then sums every tensor of
     ``statistics()`` over the ranks, in place, and hands the sums back to ``load_statistics``.
     """
 
@@ -45,7 +45,7 @@ def count_tensor(n: int, device: torch.device | str) -> torch.Tensor:
 class Gram(Statistic):
     """Running sum of X Xᵀ over calibration samples for one linear input.
 
-    Linears that read the same tensor (q/k/v, gate/up) share one Gram, built by the pipeline, so
+    Linears that read the same tensor (q/k/v, gate/up) share one Gram, built by the engine, so
     the c×c product is paid once per distinct input. Each batch's product is a float32 matmul; the
     products are summed in float64 (an elementwise add per batch, next to the matmul's c²·tokens
     work), so the Hessian does not depend on how the windows were batched or split over ranks: one
@@ -94,11 +94,11 @@ class LinearPruner:
     refit_allowed: bool = True
 
     # Input-channel permutation (RIA's N:M channel permutation, see ``d2prune.engine.channels``). A pruner
-    # with ``may_permute_inputs`` gets ``inputs_permutable`` set by the pipeline before ``prune`` when
+    # with ``may_permute_inputs`` gets ``inputs_permutable`` set by the engine before ``prune`` when
     # this linear's input columns can be permuted exactly, together with the output rows of the
     # linears producing its input. ``prune`` may then set ``input_permutation`` (a LongTensor: stored
     # column k becomes column ``perm[k]``) and return the weight still in the original column order;
-    # the pipeline stores the permuted order. ``may_permute_inputs`` must be the same on every rank.
+    # the engine stores the permuted order. ``may_permute_inputs`` must be the same on every rank.
     may_permute_inputs: bool = False
     inputs_permutable: bool = False
     input_permutation: torch.Tensor | None = None

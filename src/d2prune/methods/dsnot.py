@@ -207,7 +207,7 @@ class DSnoTPruner(LinearPruner):
         super().__init__(name, weight)
         self.base = base
         self.config = config
-        # Follow the base: the pipeline gives it a Gram, and reports its weight update.
+        # Follow the base: the engine gives it a Gram, and reports its weight update.
         self.needs_gram = base.needs_gram  # type: ignore[misc]
         self.updates_weights = base.updates_weights  # type: ignore[misc]
         self.moments = MeanVarStats(self.cols, self.device)

@@ -5,11 +5,11 @@ input column plus its share of its output row, times the input-channel norm (Wan
 the power ``a``. No weight update. The comparison group is the whole matrix (``group="linear"``, one
 threshold) or each output row (``group="row"``); N:M drops the N lowest of every M-group of a row.
 
-With ``permute`` and an N:M pattern, a linear whose input columns the pipeline may permute (its input
+With ``permute`` and an N:M pattern, a linear whose input columns the engine may permute (its input
 is an elementwise function of other linears' outputs, e.g. ``mlp.down_proj``; see ``channels.py``)
 gets RIA's channel permutation: columns are ranked by their score sum and dealt over the M slots of
 the groups in zig-zag order, optionally refined per slot by a linear-sum assignment (scipy), and N:M
-is chosen on the permuted matrix. The pipeline then stores the permuted order physically.
+is chosen on the permuted matrix. The engine then stores the permuted order physically.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def evaluate_streamed(
     progress: bool = True,
 ):
     """Perplexity of the model in ``folder`` computed layer by layer (the same windows and loss as
-    ``evaluate.evaluate_ppl``): one decoder layer in memory at a time, then the final norm and head
+    ``evaluation.perplexity.evaluate_ppl``): one decoder layer in memory at a time, then the final norm and head
     applied to the last layer's outputs. Under torchrun each rank runs its share of the windows (every
     rank reads ``folder``) and the per-window NLLs are summed over ranks."""
     from d2prune.evaluation.perplexity import eval_windows, perplexity_result
@@ -60,7 +60,7 @@ def _streamed_nlls(
     threshold: float,
     progress: bool,
 ) -> list[float]:
-    """Per window of ``batches``: the NLL of ``evaluate.window_nlls``, one decoder layer at a time."""
+    """Per window of ``batches``: the NLL of ``evaluation.perplexity.window_nlls``, one decoder layer at a time."""
     from d2prune.evaluation.perplexity import window_nlls
 
     model, stack = streamed.model, streamed.stack
