@@ -222,7 +222,13 @@ def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, meas
 
         def all_reduce_sum(self, tensors, what):
             reduced.extend(tensors)
+            destinations.extend([None] * len(tensors))
 
+        def reduce_sum(self, tensors, dst, what):
+            reduced.extend(tensors)
+            destinations.extend([dst] * len(tensors))
+
+    destinations: list[int | None] = []
     monkeypatch.setattr(distributed, "current", lambda: RankZeroOfTwo(rank=0, size=2))
     made: list[bool] = []
     for cls in (Gram, engine_layer._LastUseGram):
@@ -247,6 +253,9 @@ def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, meas
         for owner in distributed.assign({n: p.work() for n, p in _sparsegpt_pruners(model).items()}, 2).values()
     )
     assert made and all(made) and len(made) == owned * layers  # rank 0's linears only
+    # A Gram whose readers are all on one rank goes to that rank only (reduce, not all-reduce).
+    gram_destinations = [d for t, d in zip(reduced, destinations) if t.dim() == 2 and t.shape[0] == t.shape[1]]
+    assert {0, 1} <= set(gram_destinations)
 
 
 def _sparsegpt_pruners(model) -> dict[str, LinearPruner]:

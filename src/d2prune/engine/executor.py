@@ -42,8 +42,11 @@ class Executor:
         """Local work that, if it raises on any process, raises on every one."""
         return contextlib.nullcontext()
 
-    def reduce_statistics(self, holders: Iterable[Any], what: str) -> None:
-        """Sum the statistics of ``holders`` (pruners, Grams) over the processes, each holder once."""
+    def reduce_statistics(
+        self, holders: Iterable[Any], what: str, needed_by: Iterable[set[int] | None] | None = None
+    ) -> None:
+        """Sum the statistics of ``holders`` (pruners, Grams) over the processes, each holder once;
+        ``needed_by``: per holder, the processes that read its sums (None: all)."""
 
     def owners(self, work: dict[str, int]) -> dict[str, int]:
         """The process that prunes each linear, from its relative cost."""
@@ -61,10 +64,8 @@ class Executor:
 class DataParallel(Executor):
     """Ranks of a process group that share the calibration windows (see ``d2prune.engine.distributed``).
 
-    Statistics are all-reduced: every rank gets every sum, although only the owner of a linear reads
-    its Gram. Reducing each Gram to its owner alone would move less data, but the sums must stay
-    bit-identical to the all-reduced ones, and the order in which the backends add the ranks' values
-    is their own; so this stays an all-reduce.
+    A layer's statistics (each pruner's, and each Gram) are reduced to the rank that prunes the linears
+    reading them, when that is one rank (``distributed.reduce_statistics``), not all-reduced to all.
     """
 
     def __init__(self, world: distributed.World):
@@ -83,8 +84,10 @@ class DataParallel(Executor):
     def sync(self, what: str) -> contextlib.AbstractContextManager[None]:
         return self.world.sync(what)
 
-    def reduce_statistics(self, holders: Iterable[Any], what: str) -> None:
-        distributed.reduce_statistics(self.world, holders, what)
+    def reduce_statistics(
+        self, holders: Iterable[Any], what: str, needed_by: Iterable[set[int] | None] | None = None
+    ) -> None:
+        distributed.reduce_statistics(self.world, holders, what, needed_by)
 
     def owners(self, work: dict[str, int]) -> dict[str, int]:
         return distributed.assign(work, self.size)

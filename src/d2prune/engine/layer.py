@@ -132,17 +132,25 @@ def prune_layer(
             run_layer(layer, acts.inps, extras, sizes, None, stats)
     finally:
         stats.remove()
-    # [distributed] sum the statistics over ranks (every pruner's Statistic tensors, and each Gram
-    # once even when q/k/v or gate/up share it), before any Gram is read or made a Hessian in place
-    executor.reduce_statistics([*pruners.values(), *stats.grams.values()], f"statistics of layer {index}")
-    timings["statistics"] += time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast
+    # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast.
     # A refit costs about iterations × rows·cols² multiply-adds, on top of the method's work.
     owners = executor.owners(
         {name: p.work() + (p.rows * p.cols * p.cols if name in refits else 0) for name, p in pruners.items()}
     )
+    # [distributed] sum the statistics over ranks into the ranks that read them: a pruner's into its
+    # owner, a Gram (once, even when q/k/v or gate/up share it) into the owners of its readers; before
+    # any Gram is read or made a Hessian in place
+    gram_readers: dict[int, set[int]] = {}
+    for name, gram in stats.grams.items():
+        gram_readers.setdefault(id(gram), set()).add(owners[name])
+    executor.reduce_statistics(
+        [*pruners.values(), *stats.grams.values()],
+        f"statistics of layer {index}",
+        [*({owners[n]} for n in pruners), *(gram_readers[id(g)] for g in stats.grams.values())],
+    )
+    timings["statistics"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     updates = {name: p.updates_weights or name in refits for name, p in pruners.items()}
     # Linears whose input channels may be permuted together with their producers' outputs, for
     # pruners that permute (RIA with --ria-permute). All ranks hold every pruner here: same answer.
