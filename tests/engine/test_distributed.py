@@ -22,7 +22,7 @@ import torch
 
 import d2prune
 from conftest import SHARED, make_calibration_ids
-from d2prune.engine import distributed
+from d2prune.engine import distributed, executor
 from d2prune.methods import D2PruneConfig, DSnoTConfig, Gram, WandaConfig
 from d2prune.methods.base import LinearPruner
 
@@ -129,11 +129,11 @@ def test_shards_are_contiguous_and_cover_everything_once():
 def test_linears_are_assigned_largest_first_to_the_least_loaded_rank():
     # LLaMA-7B-like work (rows·cols² for OBS methods): down ≫ gate = up ≫ q = o ≫ k = v.
     work = {"q": 69, "k": 17, "v": 17, "o": 69, "gate": 185, "up": 185, "down": 496}
-    owners = distributed.assign(work, 2)
+    owners = executor.assign(work, 2)
     assert owners["down"] == 0 and owners["gate"] == owners["up"] == 1
     load = [sum(w for n, w in work.items() if owners[n] == r) for r in range(2)]
     assert abs(load[0] - load[1]) <= max(work.values()) and sum(load) == sum(work.values())
-    assert distributed.assign(work, 1) == dict.fromkeys(work, 0)
+    assert executor.assign(work, 1) == dict.fromkeys(work, 0)
 
 
 def _observations(cols=12, rows=5, batches=(1, 2, 1, 3), seed=0):
@@ -249,8 +249,7 @@ def test_each_gram_is_summed_over_ranks_once_before_it_is_used(monkeypatch, meas
     assert len(grams) == 4 * layers  # q/k/v, o, gate/up, down: one Gram each
     assert len({id(t) for t in grams}) == len(grams)  # none summed twice
     owned = sum(
-        owner == 0
-        for owner in distributed.assign({n: p.work() for n, p in _sparsegpt_pruners(model).items()}, 2).values()
+        owner == 0 for owner in executor.assign({n: p.work() for n, p in _sparsegpt_pruners(model).items()}, 2).values()
     )
     assert made and all(made) and len(made) == owned * layers  # rank 0's linears only
     # A Gram whose readers are all on one rank goes to that rank only (reduce, not all-reduce).

@@ -94,10 +94,10 @@ def test_method_hooks():
     model = build_tiny_model("llama-gqa")
     batches = calibration_batches(make_calibration_ids(2, 8), 1)
     wanda = d2prune.WandaConfig()
-    assert wanda.prepare(model, batches, torch.device("cpu"), False) is wanda and wanda.streamable
-    assert not d2prune.PrunerZeroConfig.streamable and d2prune.PrunerZeroConfig.needs_gradients
+    assert wanda.prepare(model, batches, torch.device("cpu"), False) is wanda and wanda.streaming_obstacle() is None
+    assert d2prune.PrunerZeroConfig().streaming_obstacle() and d2prune.PrunerZeroConfig.needs_gradients
     dsnot = d2prune.DSnoTConfig(base="sparsegpt")
-    assert dsnot.prepare(model, batches, torch.device("cpu"), False) is dsnot and dsnot.streamable
+    assert dsnot.prepare(model, batches, torch.device("cpu"), False) is dsnot and dsnot.streaming_obstacle() is None
     grads = {"x": torch.zeros(1)}
     prepared = d2prune.PrunerZeroConfig(gradients=grads).prepare(model, batches, torch.device("cpu"), False)
     assert prepared.gradients is grads  # given gradients are kept, no gradient pass

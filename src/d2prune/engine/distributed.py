@@ -5,13 +5,13 @@ calibration set, and then:
 
 * runs only its share of the calibration batches (whole batches, contiguous: ``World.shard``)
   through each layer, so it holds only those activations;
-* after each layer's statistics pass sums the statistics over ranks (``reduce_statistics``: the
+* after each layer's statistics pass sums the statistics over ranks (``executor.reduce_statistics``: the
   shared Grams and each pruner's ``Statistic`` tensors with their counts, each reduced to the rank
   that prunes the linears reading it; also OWL's norms, the Pruner-Zero gradient sums and perplexity
   NLLs, all-reduced), so the rank that prunes a linear holds the one-process statistics up to
   floating-point reassociation;
-* prunes only the linears assigned to it (``assign``: largest work first, each to the least loaded
-  rank) and broadcasts the pruned weights (``share_pruned``), so every rank runs the same pruned layer.
+* prunes only the linears assigned to it (``executor.assign``: largest work first, each to the least loaded
+  rank) and broadcasts the pruned weights (``executor.share_pruned``), so every rank runs the same pruned layer.
 
 Streamed from disk (``streaming.prune_checkpoint``, ``--offload disk``): every rank reads each layer
 from the checkpoint and keeps its activation files apart (``World.file_rank``); rank 0 alone writes
@@ -33,7 +33,7 @@ import datetime
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -353,79 +353,3 @@ def shutdown() -> None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def assign(work: dict[str, int], size: int) -> dict[str, int]:
-    """Owner rank of each linear: largest work first, each to the least loaded rank (the lowest on
-    ties). Depends only on the weights' shapes, so every rank computes the same assignment."""
-    load = [0] * size
-    owners: dict[str, int] = {}
-    for name in sorted(work, key=lambda n: -work[n]):  # stable: equal work keeps module order
-        rank = min(range(size), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += work[name]
-    return owners
-
-
-def reduce_statistics(
-    world: World, holders: Iterable[Any], what: str, needed_by: Iterable[set[int] | None] | None = None
-) -> None:
-    """Sum the statistics of ``holders`` (pruners, Grams: anything with ``statistics()`` and
-    ``load_statistics()``) over ranks; each distinct holder once, in the given order.
-
-    ``needed_by``: per holder, the ranks that will read its sums (None: every rank). A holder read by
-    one rank is reduced to that rank alone (half the traffic of an all-reduce, and no c×c copy on the
-    others); the other ranks' copies are left partial and must not be read. Two ranks add the same two
-    values either way, so their sums are the same bits as with an all-reduce."""
-    if world.size == 1:
-        return
-    holders = list(holders)
-    needs = list(needed_by) if needed_by is not None else [None] * len(holders)
-    unique: dict[int, tuple[Any, set[int] | None]] = {}
-    for holder, need in zip(holders, needs):
-        old = unique.get(id(holder))
-        merged = None if need is None or (old is not None and old[1] is None) else {*(old[1] if old else ()), *need}
-        unique[id(holder)] = (holder, merged)
-    parts = [(holder, need, holder.statistics()) for holder, need in unique.values()]
-    world.check_same([(key, tuple(t.shape), str(t.dtype)) for _, _, sums in parts for key, t in sums.items()], what)
-    # One collective per destination, in an order every rank computes alike: all ranks first.
-    groups: dict[int | None, list[tuple[Any, dict[str, torch.Tensor]]]] = {}
-    for holder, need, sums in parts:
-        dst = next(iter(need)) if need is not None and len(need) == 1 else None
-        groups.setdefault(dst, []).append((holder, sums))
-    for dst in sorted(groups, key=lambda d: -1 if d is None else d):
-        tensors = [t for _, sums in groups[dst] for t in sums.values()]
-        if dst is None:
-            world.all_reduce_sum(tensors, what)
-        else:
-            world.reduce_sum(tensors, dst, what)
-        for holder, sums in groups[dst]:
-            if dst is None or dst == world.rank:
-                holder.load_statistics(sums)
-
-
-def share_pruned(
-    world: World,
-    linears: dict[str, torch.nn.Linear],
-    owners: dict[str, int],
-    done: dict[str, tuple[float | None, float | None, float]],
-) -> dict[str, tuple[float | None, float | None, float]]:
-    """Broadcast each pruned weight from its owner; returns (relative error, error before the
-    refit, seconds) of every linear on every rank (``done`` holds this rank's own)."""
-    if world.size == 1:
-        return done
-    for name, lin in linears.items():
-        world.broadcast_(lin.weight.data, owners[name], f"sending the pruned {name}")
-    # has error, error, has error before refit, error before refit, seconds
-    info = torch.zeros(len(linears), 5, dtype=torch.float64)
-    for i, name in enumerate(linears):
-        if name in done:
-            error, before, seconds = done[name]
-            info[i] = torch.tensor(
-                [error is not None, error or 0.0, before is not None, before or 0.0, seconds], dtype=torch.float64
-            )
-    world.all_reduce_sum([info], "sharing the pruning reports")
-    return {
-        name: (float(row[1]) if row[0] else None, float(row[3]) if row[2] else None, float(row[4]))
-        for name, row in zip(linears, info)
-    }

@@ -20,6 +20,82 @@ from d2prune.engine import distributed
 Done = dict[str, tuple[float | None, float | None, float]]
 
 
+def assign(work: dict[str, int], size: int) -> dict[str, int]:
+    """Owner rank of each linear: largest work first, each to the least loaded rank (the lowest on
+    ties). Depends only on the weights' shapes, so every rank computes the same assignment."""
+    load = [0] * size
+    owners: dict[str, int] = {}
+    for name in sorted(work, key=lambda n: -work[n]):  # stable: equal work keeps module order
+        rank = min(range(size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += work[name]
+    return owners
+
+
+def reduce_statistics(
+    world: distributed.World, holders: Iterable[Any], what: str, needed_by: Iterable[set[int] | None] | None = None
+) -> None:
+    """Sum the statistics of ``holders`` (pruners, Grams: anything with ``statistics()`` and
+    ``load_statistics()``) over ranks; each distinct holder once, in the given order.
+
+    ``needed_by``: per holder, the ranks that will read its sums (None: every rank). A holder read by
+    one rank is reduced to that rank alone (half the traffic of an all-reduce, and no c×c copy on the
+    others); the other ranks' copies are left partial and must not be read. Two ranks add the same two
+    values either way, so their sums are the same bits as with an all-reduce."""
+    if world.size == 1:
+        return
+    holders = list(holders)
+    needs = list(needed_by) if needed_by is not None else [None] * len(holders)
+    unique: dict[int, tuple[Any, set[int] | None]] = {}
+    for holder, need in zip(holders, needs):
+        old = unique.get(id(holder))
+        merged = None if need is None or (old is not None and old[1] is None) else {*(old[1] if old else ()), *need}
+        unique[id(holder)] = (holder, merged)
+    parts = [(holder, need, holder.statistics()) for holder, need in unique.values()]
+    world.check_same([(key, tuple(t.shape), str(t.dtype)) for _, _, sums in parts for key, t in sums.items()], what)
+    # One collective per destination, in an order every rank computes alike: all ranks first.
+    groups: dict[int | None, list[tuple[Any, dict[str, torch.Tensor]]]] = {}
+    for holder, need, sums in parts:
+        dst = next(iter(need)) if need is not None and len(need) == 1 else None
+        groups.setdefault(dst, []).append((holder, sums))
+    for dst in sorted(groups, key=lambda d: -1 if d is None else d):
+        tensors = [t for _, sums in groups[dst] for t in sums.values()]
+        if dst is None:
+            world.all_reduce_sum(tensors, what)
+        else:
+            world.reduce_sum(tensors, dst, what)
+        for holder, sums in groups[dst]:
+            if dst is None or dst == world.rank:
+                holder.load_statistics(sums)
+
+
+def share_pruned(
+    world: distributed.World,
+    linears: dict[str, torch.nn.Linear],
+    owners: dict[str, int],
+    done: dict[str, tuple[float | None, float | None, float]],
+) -> dict[str, tuple[float | None, float | None, float]]:
+    """Broadcast each pruned weight from its owner; returns (relative error, error before the
+    refit, seconds) of every linear on every rank (``done`` holds this rank's own)."""
+    if world.size == 1:
+        return done
+    for name, lin in linears.items():
+        world.broadcast_(lin.weight.data, owners[name], f"sending the pruned {name}")
+    # has error, error, has error before refit, error before refit, seconds
+    info = torch.zeros(len(linears), 5, dtype=torch.float64)
+    for i, name in enumerate(linears):
+        if name in done:
+            error, before, seconds = done[name]
+            info[i] = torch.tensor(
+                [error is not None, error or 0.0, before is not None, before or 0.0, seconds], dtype=torch.float64
+            )
+    world.all_reduce_sum([info], "sharing the pruning reports")
+    return {
+        name: (float(row[1]) if row[0] else None, float(row[3]) if row[2] else None, float(row[4]))
+        for name, row in zip(linears, info)
+    }
+
+
 class Executor:
     """The interface; its own implementation is one process that does everything."""
 
@@ -65,7 +141,7 @@ class DataParallel(Executor):
     """Ranks of a process group that share the calibration windows (see ``d2prune.engine.distributed``).
 
     A layer's statistics (each pruner's, and each Gram) are reduced to the rank that prunes the linears
-    reading them, when that is one rank (``distributed.reduce_statistics``), not all-reduced to all.
+    reading them, when that is one rank (``reduce_statistics``), not all-reduced to all.
     """
 
     def __init__(self, world: distributed.World):
@@ -87,13 +163,13 @@ class DataParallel(Executor):
     def reduce_statistics(
         self, holders: Iterable[Any], what: str, needed_by: Iterable[set[int] | None] | None = None
     ) -> None:
-        distributed.reduce_statistics(self.world, holders, what, needed_by)
+        reduce_statistics(self.world, holders, what, needed_by)
 
     def owners(self, work: dict[str, int]) -> dict[str, int]:
-        return distributed.assign(work, self.size)
+        return assign(work, self.size)
 
     def share_pruned(self, linears: dict[str, nn.Linear], owners: dict[str, int], done: Done) -> Done:
-        return distributed.share_pruned(self.world, linears, owners, done)
+        return share_pruned(self.world, linears, owners, done)
 
     def share_permutations(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shares = self.world.all_gathered(perms, "sharing the channel permutations")
