@@ -79,6 +79,7 @@ VOLATILE = {
     "data_dir",
     "saved_model",
     "elapsed_s",
+    "available_bytes",  # the machine's free memory when the offload decision was made
 }
 
 
