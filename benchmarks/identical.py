@@ -6,6 +6,9 @@ Run it on the commit before a refactor and on the commit after; the two JSON fil
     .venv/bin/python benchmarks/identical.py --out before.json            # on the old commit
     .venv/bin/python benchmarks/identical.py --out after.json --compare before.json
 
+With ``--random``: the tiny random models of the test suite (every architecture of tests/conftest.py,
+every method, through the Python API; a minute in all).
+
 Cases: the tiny trained LLaMA of ../shared/models (every method, N:M, OWL, refit, the held-out
 target search, --offload disk; seconds each) and, with ``--smollm2``, SmolLM2-135M at 50 % with each
 method under the quick protocol (calibration 32 × 512 from C4, ``--no-measure-error``; minutes each).
@@ -137,12 +140,76 @@ def run_case(name: str, model: str, args: list[str], work: Path) -> dict:
     return {"args": args, "weights_sha256": digest, "tensors": weights, "record": stable(record)}
 
 
+# The tiny random models of the test suite (tests/conftest.py), pruned in-process through the API.
+RANDOM_METHODS = {
+    "magnitude": {},
+    "wanda": {},
+    "sparsegpt": {},
+    "sparsegpt-2:4": {"pattern": "2:4"},
+    "d2prune": {},
+    "pruner-zero": {},
+    "alps": {"admm_iters": 60},
+    "d2alps": {"admm_iters": 60},
+    "ria": {},
+    "dsnot": {},
+}
+
+
+def random_cases() -> dict:
+    """Every architecture of the test suite × every method, pruned through ``d2prune.prune``."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import d2prune
+    from conftest import ARCH_KEYS, build_tiny_model, make_calibration_ids
+
+    torch.set_num_threads(1)
+    out = {}
+    for arch in ARCH_KEYS:
+        for label, options in RANDOM_METHODS.items():
+            options = dict(options)
+            pattern = options.pop("pattern", "unstructured")
+            method = label.split("-2:4")[0]
+            name = f"random/{arch}/{label}"
+            model = build_tiny_model(arch, seed=0)
+            try:
+                config = d2prune.PruneConfig(
+                    method=d2prune.METHODS[method](**options),
+                    sparsity=0.5,
+                    pattern=pattern,
+                    batch_size=2,
+                    measure_error=False,
+                    progress=False,
+                )
+                report = d2prune.prune(model, make_calibration_ids(), config).to_dict()
+            except d2prune.UserError as exc:
+                out[name] = {"args": [method, pattern, options], "error": str(exc)}
+                continue
+            h = hashlib.sha256()
+            for key, t in sorted(model.state_dict().items()):
+                h.update(key.encode())
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            out[name] = {
+                "args": [method, pattern, options],
+                "weights_sha256": h.hexdigest(),
+                "tensors": {},
+                "record": stable(report),
+            }
+            print(f"{name:32s} weights {out[name]['weights_sha256'][:16]}", flush=True)
+    return out
+
+
 def compare(before: dict, after: dict) -> list[str]:
     problems = []
     for name, b in before.items():
         a = after.get(name)
         if a is None:
             problems.append(f"{name}: missing after")
+            continue
+        if a.get("error") != b.get("error"):
+            problems.append(f"{name}: error {b.get('error')!r} before, {a.get('error')!r} after")
+            continue
+        if "error" in b:
             continue
         if a["weights_sha256"] != b["weights_sha256"]:
             bad = [t for t in b["tensors"] if a["tensors"].get(t) != b["tensors"][t]]
@@ -161,7 +228,19 @@ def main() -> None:
     ap.add_argument("--compare", type=Path, help="hashes of the reference commit; exit 1 on any difference")
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M at 50 %% with each method")
     ap.add_argument("--only", nargs="*", help="case names to run (default all)")
+    ap.add_argument("--random", action="store_true", help="only the tiny random models of the test suite (API)")
     a = ap.parse_args()
+    if a.random:
+        results = random_cases()
+        a.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        if a.compare:
+            problems = compare(json.loads(a.compare.read_text()), results)
+            for p in problems:
+                print("DIFFERENT", p)
+            if problems:
+                raise SystemExit(1)
+            print(f"identical: {len(results)} cases")
+        return
     cases = [(f"tiny/{n}", str(TINY), [*TINY_CALIB, *args]) for n, args in {**METHODS, **TINY_EXTRA}.items()]
     if a.smollm2:
         cases += [(f"smollm2/{n}", "smollm2-135m", [*QUICK, *args]) for n, args in METHODS.items()]

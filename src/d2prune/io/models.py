@@ -24,9 +24,7 @@ from typing import Any
 
 from d2prune.errors import UserError
 
-# Re-exported: public names that used to live here, and names d2prune.streaming still imports from
-# here (until it takes them from d2prune.io.atomic / d2prune.io.folders).
-from d2prune.io.atomic import move_into_place, write_synced  # noqa: F401
+# Re-exported: public names that used to live here.
 from d2prune.io.folders import load_hf_folder, make_savable, record_text, save_model_folder, torch_dtype  # noqa: F401
 from d2prune.io.gguf import (
     DEFAULT_MODEL,
@@ -38,7 +36,6 @@ from d2prune.io.gguf import (
 SPARSITY_FILE = "sparsity.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-_torch_dtype = torch_dtype  # the older name, still imported by d2prune.streaming
 
 #: ``loader(folder, dtype, cache) -> (model, tokenizer)`` for a folder without config.json.
 FolderLoader = Callable[[Path, str, bool], tuple[Any, Any]]

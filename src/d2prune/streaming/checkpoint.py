@@ -11,6 +11,7 @@ import torch
 
 from d2prune.engine.activations import available_memory
 from d2prune.errors import UserError
+from d2prune.io.folders import torch_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -31,9 +32,7 @@ _ST_DTYPES = {
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    from d2prune.io.models import _torch_dtype as parse
-
-    return parse(name)
+    return torch_dtype(name)
 
 
 def _read_header(path: Path) -> dict[str, Any]:

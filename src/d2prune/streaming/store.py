@@ -16,6 +16,7 @@ from d2prune.config import PruneConfig
 from d2prune.engine import distributed
 from d2prune.engine.activations import PATTERN as ACTIVATION_FILES
 from d2prune.engine.activations import Activations
+from d2prune.io.atomic import atomic_path, publish_folder, write_json_atomic, write_synced
 from d2prune.report import PruneReport
 from d2prune.streaming.checkpoint import INDEX_FILE, Checkpoint, _torch_dtype
 from d2prune.streaming.model import StreamedModel, StreamingLayers
@@ -60,12 +61,9 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one safetensors shard via a temporary name, synced: a listed shard is a complete one."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; save_pretrained's files are world-readable
-    os.replace(tmp, path)
+    # 0o644: safetensors creates the file owner-only; save_pretrained's files are world-readable.
+    with atomic_path(path, mode=0o644) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 
 
 class StreamedStore(StreamingLayers):
@@ -133,8 +131,6 @@ class StreamedStore(StreamingLayers):
         self.streamed.release(names)
 
     def layer_done(self, index: int, report: PruneReport, activations: Activations) -> None:
-        from d2prune.io.record import write_json_atomic
-
         activations.flush()
         if self.world.rank > 0:  # rank 0 records the progress (its own activation files)
             self._kill_if_asked(index)
@@ -165,12 +161,8 @@ class StreamedStore(StreamingLayers):
         """Write the tensors outside the stack, the index, config, tokenizer files and the sparsity
         record, then rename the folder into place (rank 0 only, once every rank has closed its
         activation files)."""
-        from d2prune.io.models import (
-            SPARSITY_FILE,
-            move_into_place,
-            record_text,
-            write_synced,
-        )
+        from d2prune.io.folders import record_text
+        from d2prune.io.models import SPARSITY_FILE
 
         streamed = self.streamed
         # Activation files an interrupted run left (e.g. other ranks' when one process resumed a
@@ -207,5 +199,5 @@ class StreamedStore(StreamingLayers):
                 shutil.copyfile(src, self.work / src.name)
         write_synced(self.work / SPARSITY_FILE, record_text(sparsity_record))
         (self.work / PROGRESS_FILE).unlink(missing_ok=True)
-        move_into_place(self.work, self.target)
+        publish_folder(self.work, self.target)
         return self.target
