@@ -222,6 +222,16 @@ def compare(before: dict, after: dict) -> list[str]:
     return problems
 
 
+def report_against(reference: Path, results: dict) -> None:
+    """Print every difference from the reference hashes; exit 1 if there is any."""
+    problems = compare(json.loads(reference.read_text()), results)
+    for p in problems:
+        print("DIFFERENT", p)
+    if problems:
+        raise SystemExit(1)
+    print(f"identical: {len(results)} cases")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the hashes")
@@ -257,12 +267,7 @@ def main() -> None:
             results[name] = run_case(name, model, args, Path(tmp))
             a.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if a.compare:
-        problems = compare(json.loads(a.compare.read_text()), results)
-        for p in problems:
-            print("DIFFERENT", p)
-        if problems:
-            raise SystemExit(1)
-        print(f"identical: {len(results)} cases")
+        report_against(a.compare, results)
 
 
 if __name__ == "__main__":
