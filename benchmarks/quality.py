@@ -9,6 +9,7 @@ so its wall time and peak RSS are its own. Results accumulate in
     .venv/bin/python benchmarks/quality.py                       # baseline suite
     .venv/bin/python benchmarks/quality.py --suite extended      # Pruner-Zero, OWL, D²Prune auto
     .venv/bin/python benchmarks/quality.py --suite exact         # ALPS, D²-ALPS, RIA, DSnoT, --refit cg
+    .venv/bin/python benchmarks/quality.py --suite bf16          # forwards in bfloat16 (--compute-dtype)
     .venv/bin/python benchmarks/quality.py --methods wanda --settings 0.5 2:4
 """
 
@@ -47,7 +48,15 @@ METHODS = {
     "dsnot": ["--method", "dsnot"],
     "sparsegpt-refit": ["--method", "sparsegpt", "--refit", "cg"],
     "wanda-refit": ["--method", "wanda", "--refit", "cg"],
+    # Forwards (calibration passes and the evaluation) in bfloat16, weights float32 (issue #15).
+    "sparsegpt-bf16": ["--method", "sparsegpt", "--compute-dtype", "bfloat16"],
+    "wanda-bf16": ["--method", "wanda", "--compute-dtype", "bfloat16"],
+    "d2prune-bf16": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--compute-dtype", "bfloat16"],
+    "magnitude-bf16": ["--method", "magnitude", "--compute-dtype", "bfloat16"],
+    "alps-bf16": ["--method", "alps", "--compute-dtype", "bfloat16"],
 }
+# Extra arguments of the dense evaluation per suite (the bf16 suite's dense row is evaluated in bf16).
+DENSE_ARGS = {"bf16": ["--compute-dtype", "bfloat16"]}
 # Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
 SUITES = {
     "base": (["magnitude", "wanda", "sparsegpt", "d2prune"], ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]),
@@ -59,6 +68,7 @@ SUITES = {
         ["alps", "ria", "dsnot", "sparsegpt-refit", "wanda-refit", "d2alps-none", "alps-auto", "d2alps-auto"],
         ["0.5", "0.6", "0.7", "0.8", "2:4"],
     ),
+    "bf16": (["sparsegpt-bf16", "wanda-bf16", "d2prune-bf16"], ["0.5", "0.7"]),
 }
 
 
@@ -90,7 +100,7 @@ def setting_args(setting: str) -> list[str]:
 
 
 def write_table(rows: list[dict]) -> None:
-    dense = next((r for r in rows if r["method"] == "dense"), None)
+    dense = next((r for r in rows if r["name"] == "dense"), None)
     settings = []
     for r in rows:
         if r["method"] != "dense":
@@ -100,7 +110,12 @@ def write_table(rows: list[dict]) -> None:
                 settings.append(label)
     names = [n for n in METHODS if any(r["name"].rsplit("-", 1)[0] == n for r in rows)]
     lines = [
-        f"Dense WikiText-2 perplexity: **{dense['ppl']:.2f}**" if dense else "Dense: not measured",
+        (f"Dense WikiText-2 perplexity: **{dense['ppl']:.2f}**" if dense else "Dense: not measured")
+        + "".join(
+            f"; evaluated with --compute-dtype {r['name'].split('-', 1)[1]}: {r['ppl']:.2f}"
+            for r in rows
+            if r["method"] == "dense" and r["name"] != "dense"
+        ),
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
@@ -164,7 +179,9 @@ def main() -> None:
     args.settings = args.settings or SUITES[args.suite][1]
 
     common = ["--seqlen", str(args.seqlen), "--eval", "wikitext2", "--eval-windows", str(args.eval_windows)]
-    jobs = [] if args.no_dense else [("dense", ["eval", args.model, *common])]
+    dense_args = DENSE_ARGS.get(args.suite, [])
+    dense_name = "-".join(["dense", *([args.suite] if dense_args else [])])
+    jobs = [] if args.no_dense else [(dense_name, ["eval", args.model, *common, *dense_args])]
     for s in args.settings:
         for m in args.methods:
             if ":" in s and "--sparsity-profile" in METHODS[m]:

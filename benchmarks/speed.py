@@ -1,10 +1,13 @@
-"""Speed and memory against llm-compressor: SparseGPT and Wanda at 50% on SmolLM2-135M, side by side.
+"""Speed and memory against llm-compressor: SparseGPT, Wanda and D²Prune at 50% on SmolLM2-135M, side by side.
 
 Both engines prune the same fp32 HF folder with the same calibration token ids (C4 windows drawn
 once by ``d2prune.data.get_calibration`` and handed to both through a safetensors file), on the CPU,
-one fresh subprocess per run (wall time and peak RSS from ``os.wait4``):
+one fresh subprocess per run (wall time and peak RSS from ``os.wait4``), the engines interleaved run
+by run and each (engine, method) repeated ``--repeats`` times (median reported):
 
-- ours: ``d2prune.prune`` (layer by layer, ``measure_error`` off) then ``save_pruned``;
+- ours: ``d2prune.prune`` (layer by layer, ``measure_error`` off) then ``save_pruned``, once per
+  ``--ours-dtypes`` entry (``--compute-dtype``; bfloat16 is added by default where the CPU has AMX or
+  AVX512-BF16); D²Prune (v_proj un-updated) is set against llm-compressor's SparseGPT;
 - llm-compressor: ``oneshot(..., pipeline="sequential")`` with ``SparseGPTModifier`` /
   ``WandaPruningModifier`` (sparsity 0.5, unstructured, block 128, dampening 0.01, lm_head
   ignored), run by the interpreter of its own virtualenv (it pins its own transformers).
@@ -46,7 +49,9 @@ README = ROOT / "benchmarks" / "README.md"
 MARK_BEGIN = "<!-- speed-table:begin -->"
 MARK_END = "<!-- speed-table:end -->"
 LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
-METHODS = ("sparsegpt", "wanda")
+METHODS = ("sparsegpt", "wanda", "d2prune")
+# llm-compressor has no D²Prune: our D²Prune is set against its SparseGPT (the issue's goal).
+PEER = {"sparsegpt": "sparsegpt", "wanda": "wanda", "d2prune": "sparsegpt"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,8 +70,14 @@ def run_ours(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, dtype="float32")
     ids = load_file(args.calib)["input_ids"]
     t1 = time.perf_counter()
+    method = d2prune.D2PruneConfig(target_layers=["self_attn.v_proj"]) if args.method == "d2prune" else args.method
     config = d2prune.PruneConfig(
-        method=args.method, sparsity=0.5, measure_error=False, progress=False, batch_size=args.batch_size
+        method=method,
+        sparsity=0.5,
+        measure_error=False,
+        progress=False,
+        batch_size=args.batch_size,
+        compute_dtype=args.compute_dtype,
     )
     if args.profile_layers:
         _keep_layers(model, args.profile_layers)
@@ -98,6 +109,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "prune_s": t2 - t1,
         "save_s": t3 - t2,
         "phases_s": report.timings,
+        "compute_dtype": report.compute_dtype,
         "threads": torch.get_num_threads(),
     }
 
@@ -125,6 +137,7 @@ def run_llmc(args: argparse.Namespace) -> dict:
     ids = load_file(args.calib)["input_ids"]
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t1 = time.perf_counter()
+    phases = _time_llmc_phases()
     common = dict(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
     if args.method == "sparsegpt":
         recipe = SparseGPTModifier(block_size=128, dampening_frac=0.01, **common)
@@ -155,7 +168,49 @@ def run_llmc(args: argparse.Namespace) -> dict:
         if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and not f.name.endswith(".index.json"):
             shutil.copyfile(f, out / f.name)
     t3 = time.perf_counter()
-    return {"load_s": t1 - t0, "prune_s": t2 - t1, "save_s": t3 - t2, "threads": torch.get_num_threads()}
+    return {
+        "load_s": t1 - t0,
+        "prune_s": t2 - t1,
+        "save_s": t3 - t2,
+        "phases_s": {**phases, "total": t2 - t1},
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _time_llmc_phases() -> dict[str, float]:
+    """Seconds llm-compressor spends in its statistics hooks (Hessian / input-norm accumulation) and
+    in its compress step (the OBS solve / Wanda mask), by wrapping the modifiers' methods; the
+    forward passes are the rest of its prune time. Empty if its internals are not where expected."""
+    import functools
+
+    phases = {"statistics_hooks": 0.0, "prune": 0.0}
+    try:
+        from llmcompressor.modifiers.pruning.sparsegpt import base as sgpt
+        from llmcompressor.modifiers.pruning.wanda import base as wanda
+    except ImportError:
+        return {}
+
+    def timed(owner, name, key):
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                phases[key] += time.perf_counter() - t
+
+        setattr(owner, name, wrapper)
+
+    for module, cls in ((sgpt, "SparseGPTModifier"), (wanda, "WandaPruningModifier")):
+        klass = getattr(module, cls, None)
+        if klass is not None:
+            timed(klass, "calibrate_module", "statistics_hooks")
+            timed(klass, "compress_modules", "prune")
+    return phases
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +227,7 @@ def subprocess_run(
     calib: Path,
     out: Path,
     extra: list[str] | None = None,
+    compute_dtype: str = "model",
 ) -> dict:
     """One runner process; its own report plus wall time and peak RSS."""
     info = out.with_suffix(".json")
@@ -192,6 +248,7 @@ def subprocess_run(
         str(info),
         "--batch-size",
         str(args.batch_size),
+        *(["--compute-dtype", compute_dtype] if engine == "ours" else []),
         *(extra or []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -204,13 +261,37 @@ def subprocess_run(
         raise SystemExit(f"{engine} {method} failed:\n{res['output'][-5000:]}")
     shown = " ".join(shlex.quote(c) for c in cmd).replace(str(ROOT) + "/", "")
     return {
-        "engine": engine,
+        "engine": engine if engine == "llmc" or compute_dtype == "model" else f"ours-{compute_dtype}",
         "method": method,
         "wall_s": res["wall_s"],
         "peak_rss_bytes": res["peak_rss_bytes"],
         "command": shown,
         **json.loads(info.read_text()),
     }
+
+
+def medians(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (engine, method): the median wall and prune time and phases, the largest peak RSS, and
+    the perplexity and sparsity (measured on the first repeat)."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["engine"], r["method"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        phases = sorted({p for r in rs for p in r.get("phases_s", {})})
+        out[key] = {
+            "repeats": len(rs),
+            "wall_s": statistics.median(r["wall_s"] for r in rs),
+            "prune_s": statistics.median(r["prune_s"] for r in rs),
+            "prune_s_all": [r["prune_s"] for r in rs],
+            "phases_s": {p: statistics.median(r["phases_s"].get(p, 0.0) for r in rs) for p in phases},
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+            "ppl": next(r["ppl"] for r in rs if "ppl" in r),
+            "sparsity": next(r["sparsity"] for r in rs if "sparsity" in r),
+        }
+    return out
 
 
 def decoder_sparsity(folder: Path) -> float:
@@ -250,6 +331,22 @@ def resolve_model(name: str) -> Path:
     return Path(name).expanduser().resolve()
 
 
+def _engine_name(engine: str) -> str:
+    if engine == "llmc":
+        return "llm-compressor"
+    return "d2prune" + (f" (--compute-dtype {engine.split('-', 1)[1]})" if "-" in engine else "")
+
+
+def _phases(med: dict) -> str:
+    p = med.get("phases_s", {})
+    if "statistics" in p:  # ours: the pipeline's own timers
+        return f"{p['statistics']:.1f} / {p['prune']:.1f} / {p['pruned_forward']:.1f}"
+    if "statistics_hooks" in p:  # theirs: hooks and compress step timed, forwards are the rest
+        rest = p["total"] - p["statistics_hooks"] - p["prune"]
+        return f"hooks {p['statistics_hooks']:.1f}, forwards {rest:.1f} / {p['prune']:.1f} / –"
+    return "–"
+
+
 def table(results: dict) -> str:
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [
@@ -257,25 +354,28 @@ def table(results: dict) -> str:
         f"C4 token ids (seed 0, the same file for both), batch {results['batch_size']}, CPU ({results['machine']}); "
         "perplexity by d2prune's "
         f"evaluator on the first {results['eval_windows']} WikiText-2 windows of {results['seqlen']} tokens "
-        f"(dense: {results['dense_ppl']:.2f}). Wall = whole process (imports, load, prune, save); prune = the "
-        "pruning call alone.",
+        f"(dense: {results['dense_ppl']:.2f}). Median of {results.get('repeats', 1)} runs per engine, the engines "
+        "interleaved run by run. Wall = whole process (imports, load, prune, save); prune = the pruning call "
+        "alone; phases = statistics pass (forward + hooks) / solve or mask / pruned pass.",
         "",
-        "| method | engine | wall (s) | prune (s) | peak RSS (MiB) | WikiText-2 ppl | sparsity |",
-        "|---|---|---|---|---|---|---|",
+        "| method | engine | wall (s) | prune (s) | phases (s) | peak RSS (MiB) | WikiText-2 ppl | sparsity |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["runs"]:
+    for med in results.get("medians", []):
         lines.append(
-            f"| {r['method']} | {'d2prune' if r['engine'] == 'ours' else 'llm-compressor'} | {r['wall_s']:.1f} "
-            f"| {r['prune_s']:.1f} | {mib(r['peak_rss_bytes'])} | {r['ppl']:.2f} | {r['sparsity']:.4f} |"
+            f"| {med['method']} | {_engine_name(med['engine'])} | {med['wall_s']:.1f} | {med['prune_s']:.1f} "
+            f"({', '.join(f'{t:.0f}' for t in med['prune_s_all'])}) | {_phases(med)} "
+            f"| {mib(med['peak_rss_bytes'])} | {med['ppl']:.2f} | {med['sparsity']:.4f} |"
         )
     lines += [
         "",
-        "| method | time ours/theirs (wall) | (prune) | peak RSS ours/theirs | ppl ours/theirs − 1 |",
-        "|---|---|---|---|---|",
+        "| ours | against | time ours/theirs (wall) | (prune) | peak RSS ours/theirs | ppl ours/theirs − 1 |",
+        "|---|---|---|---|---|---|",
     ]
     for m, ratio in results["ratios"].items():
         lines.append(
-            f"| {m} | {ratio['wall']:.2f} | {ratio['prune']:.2f} | {ratio['rss']:.2f} | {ratio['ppl'] * 100:+.2f}% |"
+            f"| {m} | {ratio.get('peer', '')} | {ratio['wall']:.2f} | {ratio['prune']:.2f} | {ratio['rss']:.2f} "
+            f"| {ratio['ppl'] * 100:+.2f}% |"
         )
     if results.get("profile"):
         lines += [
@@ -332,44 +432,67 @@ def benchmark(args: argparse.Namespace) -> None:
             "machine": machine,
             "calibration_sha256": _sha256(calib),
             "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+            "repeats": args.repeats,
+            "ours_dtypes": args.ours_dtypes,
             "runs": [],
             "ratios": {},
             "profile": {},
         }
+        # Engines interleaved, run by run, so that a slow spell of the machine hits both; the
+        # table reports each (engine, method)'s median over the repeats.
+        engines = [("ours", Path(sys.executable), dt) for dt in args.ours_dtypes] + [("llmc", llmc, "model")]
+        plan = []
         for method in args.methods:
-            pair = {}
-            for engine, python in (("ours", Path(sys.executable)), ("llmc", llmc)):
-                out = work / f"{engine}-{method}"
-                print(f"{engine} {method} ...", flush=True)
-                run = subprocess_run(launcher, python, engine, method, args, calib, out)
-                run["ppl"] = perplexity(out, args)
-                run["sparsity"] = decoder_sparsity(out)
+            for engine, python, dtype in engines:
+                if engine == "llmc" and PEER[method] != method:
+                    continue  # llm-compressor has no such method: its peer's runs serve
+                plan.append((method, engine, python, dtype))
+        scored: set[tuple[str, str]] = set()
+        for rep in range(args.repeats):
+            for method, engine, python, dtype in plan:
+                out = work / f"{engine}-{dtype}-{method}"
+                print(f"[{rep + 1}/{args.repeats}] {engine} {method} ({dtype}) ...", flush=True)
+                run = subprocess_run(launcher, python, engine, method, args, calib, out, compute_dtype=dtype)
+                run["repeat"] = rep
+                key = (run["engine"], method)
+                if key not in scored:  # the weights are the same every repeat: score them once
+                    run["ppl"] = perplexity(out, args)
+                    run["sparsity"] = decoder_sparsity(out)
+                    scored.add(key)
                 print(
                     f"  wall {run['wall_s']:.1f} s, prune {run['prune_s']:.1f} s, peak RSS "
-                    f"{run['peak_rss_bytes'] / 2**20:.0f} MiB, ppl {run['ppl']:.2f}",
+                    f"{run['peak_rss_bytes'] / 2**20:.0f} MiB" + (f", ppl {run['ppl']:.2f}" if "ppl" in run else ""),
                     flush=True,
                 )
                 results["runs"].append(run)
-                pair[engine] = run
                 shutil.rmtree(out, ignore_errors=True)
-            results["ratios"][method] = {
-                "wall": pair["ours"]["wall_s"] / pair["llmc"]["wall_s"],
-                "prune": pair["ours"]["prune_s"] / pair["llmc"]["prune_s"],
-                "rss": pair["ours"]["peak_rss_bytes"] / pair["llmc"]["peak_rss_bytes"],
-                "ppl": pair["ours"]["ppl"] / pair["llmc"]["ppl"] - 1,
+        results["medians"] = medians(results["runs"])
+        for (engine, method), med in results["medians"].items():
+            if engine == "llmc":
+                continue
+            peer = results["medians"].get(("llmc", PEER[method]))
+            if peer is None:
+                continue
+            results["ratios"][f"{method} {engine}"] = {
+                "peer": f"llm-compressor {PEER[method]}",
+                "wall": med["wall_s"] / peer["wall_s"],
+                "prune": med["prune_s"] / peer["prune_s"],
+                "rss": med["peak_rss_bytes"] / peer["peak_rss_bytes"],
+                "ppl": med["ppl"] / peer["ppl"] - 1,
             }
-            if args.profile:
-                prof = subprocess_run(
-                    launcher,
-                    Path(sys.executable),
-                    "ours",
-                    method,
-                    args,
-                    calib,
-                    work / f"profile-{method}",
-                    ["--profile-layers", "1"],
-                )
-                results["profile"][method] = {"phases_s": prof["phases_s"], "ops": prof["ops"]}
+        results["medians"] = [{"engine": e, "method": m, **v} for (e, m), v in results["medians"].items()]
+        for method in args.methods if args.profile else []:
+            prof = subprocess_run(
+                launcher,
+                Path(sys.executable),
+                "ours",
+                method,
+                args,
+                calib,
+                work / f"profile-{method}",
+                ["--profile-layers", "1"],
+            )
+            results["profile"][method] = {"phases_s": prof["phases_s"], "ops": prof["ops"]}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     finally:
@@ -403,6 +526,14 @@ def main() -> None:
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the one-layer profile")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="runs per engine and method, interleaved (default 3)")
+    p.add_argument(
+        "--ours-dtypes",
+        nargs="+",
+        default=None,
+        help="our --compute-dtype per row (default: model, plus bfloat16 where the CPU computes it fast)",
+    )
+    p.add_argument("--compute-dtype", default="model", help=argparse.SUPPRESS)
     # runner mode
     p.add_argument("--run", choices=["ours", "llmc"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -416,6 +547,11 @@ def main() -> None:
         info = (run_ours if args.run == "ours" else run_llmc)(args)
         Path(args.info).write_text(json.dumps(info, indent=2))
         return
+    if args.ours_dtypes is None:
+        sys.path.insert(0, str(ROOT / "src"))
+        from d2prune.engine.precision import fast_bfloat16
+
+        args.ours_dtypes = ["model", *(["bfloat16"] if fast_bfloat16("cpu")[0] else [])]
     benchmark(args)
 
 

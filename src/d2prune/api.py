@@ -17,6 +17,7 @@ from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.engine.capture import calibration_batches
 from d2prune.engine.executor import current_executor
+from d2prune.engine.precision import resolve_compute_dtype
 from d2prune.engine.walk import LayerStore, prune_layers
 from d2prune.patterns import SparsityTarget
 from d2prune.report import PruneReport
@@ -42,6 +43,7 @@ def prune(
     executor = current_executor()  # [distributed] one process unless a process group is running
     t_start = time.perf_counter()
     device = torch.device(config.device)
+    compute = resolve_compute_dtype(config.compute_dtype, device)
     model_info = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
     method = config.method.resolve(model_info)
     stack = find_decoder_stack(model)
@@ -58,14 +60,15 @@ def prune(
         batches = calibration_batches(calibration, config.batch_size)
         # [distributed] this rank's calibration batches (``report.nsamples`` stays the global count)
         local = executor.shard(batches)
-        method = method.prepare(model, batches, device, config.progress)
+        method = method.prepare(model, batches, device, config.progress, compute.dtype)
         report = PruneReport(config={**config.to_dict(), "method": method.to_dict()})
+        report.compute_dtype = compute.to_dict(_model_dtype(model))
         timings = {"capture": 0.0, "statistics": 0.0, "prune": 0.0, "pruned_forward": 0.0}
         start = store.restore(report)
         # A continued run's timings add to those of the run it continues.
         timings.update(report.timings)
         earlier_total = timings.pop("total", 0.0)
-        targets = _layer_targets(model, batches, config, device, store, report, timings, num_layers)
+        targets = _layer_targets(model, batches, config, device, store, report, timings, num_layers, compute.dtype)
         report.layer_sparsities = [t.sparsity for t in targets]
         report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), batches[0]["input_ids"].shape[1]
 
@@ -103,6 +106,7 @@ def _layer_targets(
     report: PruneReport,
     timings: dict[str, float],
     num_layers: int,
+    dtype: torch.dtype | None = None,
 ) -> list[SparsityTarget]:
     """Each decoder layer's target: the sparsities of a continued run when the store restored them
     (no second OWL pass), OWL's allocation, or the config's (uniform or explicit per layer)."""
@@ -111,8 +115,13 @@ def _layer_targets(
         return [SparsityTarget(p, config.pattern) for p in report.layer_sparsities]
     if config.sparsity_profile == "owl":
         t0 = time.perf_counter()
-        report.outlier_ratios = outlier_ratios(model, batches, config.owl_m, device, config.progress, store)
+        report.outlier_ratios = outlier_ratios(model, batches, config.owl_m, device, config.progress, store, dtype)
         layer_sparsities = owl_sparsities(report.outlier_ratios, config.sparsity, config.owl_lambda)
         timings["owl"] = time.perf_counter() - t0
         return [SparsityTarget(p, config.pattern) for p in layer_sparsities]
     return targets
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter that is not on the meta device."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta), None)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from d2prune.engine.activations import check_mode
+from d2prune.engine.precision import check_compute_dtype
 from d2prune.errors import UserError
 from d2prune.methods import MethodConfig, method_config
 from d2prune.patterns import Pattern, SparsityTarget
@@ -29,6 +30,10 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     device: str = "cpu"
+    # The dtype layer forwards run in (``engine.precision``): "model" (the model's own), "float32",
+    # "bfloat16", "float16", or "auto" (bfloat16 where the device computes it fast). The weights the
+    # methods update, and what is saved, keep the model's dtype.
+    compute_dtype: str = "model"
     batch_size: int = 1
     measure_error: bool = True
     progress: bool = True
@@ -63,6 +68,7 @@ class PruneConfig:
                 )
             if not 0 <= self.owl_lambda < 0.5 or self.owl_m <= 0:
                 raise UserError(f"OWL needs 0 <= lambda < 0.5 and M > 0, got lambda={self.owl_lambda}, M={self.owl_m}")
+        self.compute_dtype = check_compute_dtype(self.compute_dtype)
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
         check_mode(self.activation_offload)
@@ -100,6 +106,7 @@ class PruneConfig:
             "sparsity_profile": self.sparsity_profile,
             **({"owl_lambda": self.owl_lambda, "owl_m": self.owl_m} if self.sparsity_profile == "owl" else {}),
             "device": self.device,
+            "compute_dtype": self.compute_dtype,
             "batch_size": self.batch_size,
             "measure_error": self.measure_error,
             "activation_offload": self.activation_offload,

@@ -42,6 +42,8 @@ class PruneReport:
     outlier_ratios: list[float] | None = None
     activations: dict[str, Any] | None = None
     resumed_at_layer: int | None = None
+    # The dtype the layer forwards ran in: requested, resolved, and why (``engine.precision``).
+    compute_dtype: dict[str, str] | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -73,6 +75,7 @@ class PruneReport:
             "outlier_ratios": self.outlier_ratios,
             "nm_structure_ok": self.nm_ok,
             "timings": self.timings,
+            "compute_dtype": self.compute_dtype,
             "activations": self.activations,
             "resumed_at_layer": self.resumed_at_layer,
             "linears": [lin.to_dict() for lin in self.linears],

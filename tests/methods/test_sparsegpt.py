@@ -6,7 +6,7 @@ import torch
 from d2prune.errors import UserError
 from d2prune.methods import Gram, SparseGPTConfig
 from d2prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_solve
-from d2prune.patterns import Pattern, SparsityTarget
+from d2prune.patterns import Pattern, SparsityTarget, lowest_k_mask, nm_mask
 
 
 def _problem(rows=4, cols=12, tokens=64, seed=0):
@@ -191,3 +191,55 @@ def test_gram_hessian_in_row_chunks_equals_whole_conversion():
     gram = Gram(2100, "cpu")  # a 32 MiB float64 chunk holds 1997 rows of 2100: two chunks
     gram.add(torch.randn(3, 40, 2100, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(gram.hessian(), (gram.sum * (2.0 / 3)).float())
+
+
+@pytest.mark.parametrize("width", [7, 128, 300, 576, 1100])
+def test_gram_block_products_equal_the_full_product(width):
+    # add() multiplies only the blocks on and above the diagonal; reading the sum mirrors them.
+    gram = Gram(width, "cpu")
+    expected = torch.zeros(width, width, dtype=torch.float64)
+    for seed in range(3):
+        x = torch.randn(2, 24, width, generator=torch.Generator().manual_seed(seed))
+        gram.add(x)
+        flat = x.reshape(-1, width)
+        expected += flat.t() @ flat
+    torch.testing.assert_close(gram.sum, expected, rtol=1e-12, atol=1e-9)
+    assert torch.equal(gram.sum, gram.sum.t()) or width <= 128  # one block: the product itself
+    assert gram.nsamples == 6
+    stats = gram.statistics()["sum"]
+    other = Gram(width, "cpu")
+    other.load_statistics({"sum": stats.clone(), "nsamples": torch.tensor([6.0], dtype=torch.float64)})
+    assert torch.equal(other.sum, gram.sum)
+
+
+def test_transposed_solve_matches_the_column_loop_of_the_reference():
+    """The solver works on Wᵀ; the textbook loop on W's columns (SparseGPT's code) gives the same weights."""
+    g = torch.Generator().manual_seed(4)
+    rows, cols = 24, 64
+    x = torch.randn(256, cols, generator=g)
+    h = 2 * x.t() @ x / 256
+    w = torch.randn(rows, cols, generator=g)
+    for target in (SparsityTarget(0.6, Pattern.parse("unstructured")), SparsityTarget(0.5, Pattern.parse("2:4"))):
+        ours = sparsegpt_solve(w, h, target, blocksize=32)
+        u = inverse_hessian_factor(h.clone(), 0.01, "ref")
+        ref = w.clone()
+        for i1 in range(0, cols, 32):
+            w1, q1, err1 = ref[:, i1 : i1 + 32].clone(), torch.zeros(rows, 32), torch.zeros(rows, 32)
+            u1, d1 = u[i1 : i1 + 32, i1 : i1 + 32], torch.diag(u[i1 : i1 + 32, i1 : i1 + 32])
+            if target.pattern.is_nm:
+                mask1 = torch.zeros(rows, 32, dtype=torch.bool)
+            else:
+                score = (w1**2 / d1**2).reshape(1, -1)
+                mask1 = lowest_k_mask(score, target.prune_count(score.numel())).reshape(rows, 32)
+            for i in range(32):
+                if target.pattern.is_nm and i % 4 == 0:
+                    mask1[:, i : i + 4] = nm_mask(w1[:, i : i + 4] ** 2 / d1[i : i + 4] ** 2, 2, 4)
+                q = w1[:, i].masked_fill(mask1[:, i], 0.0)
+                q1[:, i] = q
+                err = (w1[:, i] - q) / d1[i]
+                w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+                err1[:, i] = err
+            ref[:, i1 : i1 + 32] = q1
+            ref[:, i1 + 32 :] -= err1 @ u[i1 : i1 + 32, i1 + 32 :]
+        assert torch.equal(ours == 0, ref == 0)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

@@ -27,11 +27,12 @@ def outlier_ratios(
     device: torch.device,
     progress: bool = True,
     store: LayerStore | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Per decoder layer: 100 × fraction of the layer's Wanda scores above ``m`` × their mean.
 
     Each layer sees the dense outputs of the layers before it (nothing is pruned here). ``store``
-    says where the layers live; default: in ``model``. Under ``torchrun`` each rank runs its share
+    says where the layers live; default: in ``model``. ``dtype``: the forwards' (None: the model's). Under ``torchrun`` each rank runs its share
     of the batches and the norms are summed over ranks.
     """
     executor = current_executor()
@@ -41,7 +42,7 @@ def outlier_ratios(
     # Always in memory: this dense pass is not resumable, and its buffers are freed at the end.
     acts = Activations("ram", device)
     with executor.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
-        _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts)
+        _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts, dtype=dtype)
     sizes = [b["input_ids"].shape[0] for b in local]
     ratios = []
     turns = layers_in_turn(
@@ -63,7 +64,7 @@ def outlier_ratios(
         ]
         try:
             with executor.sync(f"the OWL statistics pass of layer {index}"):
-                run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs)
+                run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs, dtype=dtype)
         finally:
             for h in handles:
                 h.remove()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from d2prune.cli.options import add_compute_dtype
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     at = sub.add_parser("attention", help="attention-distribution diagnostics: dense vs pruned, per layer")
@@ -20,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     at.add_argument("--top-k", type=int, default=8, help="keys counted in the top-k attention mass (default 8)")
     at.add_argument("--dtype", default="float32")
     at.add_argument("--device", default="cpu")
+    add_compute_dtype(at)
     at.add_argument("--data-dir", "--data_dir", default=None)
     at.add_argument("--no-progress", action="store_true")
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         top_k=args.top_k,
         dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
         device=args.device,
         data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
         progress=not args.no_progress,

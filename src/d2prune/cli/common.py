@@ -77,10 +77,19 @@ def check_data_options(args: argparse.Namespace) -> None:
 
 
 def new_record(args: argparse.Namespace, offload: dict[str, Any]) -> dict[str, Any]:
-    """The run record's opening entries."""
+    """The run record's opening entries (the compute dtype resolved: ``args.compute``)."""
+    from d2prune.engine.precision import resolve_compute_dtype
+    from d2prune.io.folders import torch_dtype
     from d2prune.io.record import command_line, package_versions
 
-    return {"command": command_line(), "versions": package_versions(), "model": args.model, "offload": offload}
+    args.compute = resolve_compute_dtype(args.compute_dtype, args.device)
+    return {
+        "command": command_line(),
+        "versions": package_versions(),
+        "model": args.model,
+        "offload": offload,
+        "compute_dtype": args.compute.to_dict(torch_dtype(args.dtype)),
+    }
 
 
 def load(args: argparse.Namespace, streamed: bool, timings: dict[str, float]) -> tuple[Any, Any]:
@@ -107,6 +116,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
     evaluated layer by layer from disk (--offload disk)."""
     from d2prune.data import get_eval_tokens
     from d2prune.evaluation.perplexity import evaluate_ppl
+    from d2prune.io.folders import torch_dtype
     from d2prune.streaming import evaluate_streamed
 
     streamed = isinstance(model, Path)
@@ -130,14 +140,15 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
                     model,
                     tokens,
                     args.seqlen,
-                    dtype=args.dtype,
+                    # Loading each layer in the compute dtype is the cast, without a second copy.
+                    dtype=args.compute.name(torch_dtype(args.dtype)),
                     device=args.device,
                     activation_offload=args.activation_offload,
                     threshold=args.offload_threshold,
                     **options,
                 )
             else:
-                res = evaluate_ppl(model, tokens, args.seqlen, **options)
+                res = evaluate_ppl(model, tokens, args.seqlen, compute_dtype=args.compute.dtype, **options)
             results.setdefault(label, {})[name] = res.to_dict()
     finally:
         if not streamed:
@@ -156,6 +167,7 @@ def zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
         limit=args.limit,
         batch_size=args.zero_shot_batch_size,
         device=args.device,
+        compute_dtype=args.compute.dtype,
     )
     print(format_zero_shot_table(result))
     return result

@@ -68,6 +68,7 @@ def finetune_config(args: argparse.Namespace):
         save_steps=args.save_steps,
         seed=args.seed,
         device=args.device,
+        compute_dtype=args.compute_dtype,
         progress=not args.no_progress,
     )
 

@@ -24,6 +24,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1, ... (default cpu)")
+    add_compute_dtype(p)
     p.add_argument(
         "--data-dir", "--data_dir", default=None, help="data folder (env D2PRUNE_DATA; default ../shared/data)"
     )
@@ -91,6 +92,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     zs.add_argument("--limit", type=int, default=None, help="first K items of each task (quick runs)")
     zs.add_argument("--zero-shot-batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+
+
+def add_compute_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compute-dtype",
+        default="model",
+        help="dtype the forwards run in: model (the --dtype, default), float32, bfloat16, float16, or auto "
+        "(bfloat16 on CUDA >= 8.0 and CPUs with AMX or AVX512-BF16, else float32); weights keep --dtype",
+    )
 
 
 def argument_group(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:

@@ -124,6 +124,7 @@ def prune_config(args: argparse.Namespace, output_dir: Path | None, streamed: bo
         sparsity=args.sparsity,
         pattern=pattern(args),
         device=args.device,
+        compute_dtype=args.compute_dtype,
         batch_size=args.batch_size,
         measure_error=not args.no_measure_error,
         progress=not args.no_progress,

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import DecoderStack
+from d2prune.engine.precision import computing_in, own_parameters
 from d2prune.engine.standin import StopForward, standing_in
 from d2prune.errors import UserError
 
@@ -74,11 +75,25 @@ def tensors_on(modules: Iterable[nn.Module], device: torch.device) -> Iterator[N
             tensor.data = tensor.data.to(home)
 
 
+def outside_modules(model: nn.Module, stack: DecoderStack) -> list[nn.Module]:
+    """Every module of ``model`` outside its decoder stack (their own parameters only)."""
+    prefix = stack.path + "."
+    return [m for path, m in model.named_modules() if path != stack.path and not path.startswith(prefix)]
+
+
 def outside_stack_on(model: nn.Module, stack: DecoderStack, device: torch.device) -> Any:
     """``tensors_on`` for every module of ``model`` outside its decoder stack."""
-    prefix = stack.path + "."
-    outside = (m for path, m in model.named_modules() if path != stack.path and not path.startswith(prefix))
-    return tensors_on(outside, device)
+    return tensors_on(outside_modules(model, stack), device)
+
+
+@contextmanager
+def outside_stack_computing(
+    model: nn.Module, stack: DecoderStack, device: torch.device, dtype: torch.dtype | None
+) -> Iterator[None]:
+    """The modules outside the stack on ``device`` and computing in ``dtype`` (None: their own), so the
+    hidden states, masks and rotary embeddings the stack receives come in the dtype the layers run in."""
+    with outside_stack_on(model, stack, device), computing_in(own_parameters(outside_modules(model, stack)), dtype):
+        yield
 
 
 def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -115,13 +130,14 @@ def _record_layer_calls(
     device: torch.device,
     upto: int,
     on_batch: Callable[[int, list[tuple[torch.Tensor, tuple, dict]]], None],
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Run every batch through the model with decoder layers 0..upto replaced by stand-ins; hands
     ``on_batch`` the batch index and each of those layers' (hidden states, positional args, keyword
     args). Layers before ``upto`` hand their input on unchanged; layer ``upto`` stops the forward pass."""
     with (
         standing_in(stack, range(upto + 1), record=True, stop_at=upto) as standins,
-        outside_stack_on(model, stack, device),
+        outside_stack_computing(model, stack, device, dtype),
     ):
         for b, batch in enumerate(batches):
             try:
@@ -143,10 +159,11 @@ def capture_layer_inputs(
     device: torch.device,
     activations: Activations | None = None,
     keep_inputs: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, list[tuple[tuple, dict]]]:
     """Run the model up to decoder layer 0 for every batch.
 
-    Returns the hidden states (windows, tokens, hidden) in the model dtype, and per batch the other
+    Returns the hidden states (windows, tokens, hidden) in ``dtype`` (None: the model's), and per batch the other
     positional and keyword arguments the layer receives (masks, positions, rotary embeddings).
     With ``activations`` the hidden states are written into its input buffer (allocated here) batch
     by batch; with ``keep_inputs`` they are dropped (the buffer already holds a resumed run's inputs)
@@ -172,7 +189,7 @@ def capture_layer_inputs(
         activations.inps[start : start + hidden.shape[0]] = hidden
         start += hidden.shape[0]
 
-    _record_layer_calls(model, stack, batches, device, 0, on_batch)
+    _record_layer_calls(model, stack, batches, device, 0, on_batch, dtype)
     if keep_inputs:
         return None, extras
     return (activations.inps if activations is not None else torch.cat(hidden_list)), extras
@@ -201,15 +218,16 @@ def capture_inputs_and_arguments(
     device: torch.device,
     activations: Activations | None = None,
     keep_inputs: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, list[list[tuple[tuple, dict]]]]:
     """Layer-0 hidden states and, per decoder layer, per batch, the other arguments it receives.
 
     Most models give every layer the same arguments. Models that mix attention types across layers
     (``config.layer_types``: sliding-window and full attention) give each type its own mask, so for
     them every layer's arguments are recorded in a pass where each layer hands its input on unchanged.
-    ``activations`` and ``keep_inputs`` are as for ``capture_layer_inputs``.
+    ``activations``, ``keep_inputs`` and ``dtype`` are as for ``capture_layer_inputs``.
     """
-    inps, extras = capture_layer_inputs(model, stack, batches, device, activations, keep_inputs)
+    inps, extras = capture_layer_inputs(model, stack, batches, device, activations, keep_inputs, dtype)
     num_layers = len(stack.layers)
     if not _mixed_layer_types(model):
         return inps, [extras] * num_layers
@@ -223,5 +241,5 @@ def capture_inputs_and_arguments(
                 seen.append(extra)
             per_layer[i].append(extra)
 
-    _record_layer_calls(model, stack, batches, device, num_layers - 1, on_batch)
+    _record_layer_calls(model, stack, batches, device, num_layers - 1, on_batch, dtype)
     return inps, per_layer

@@ -13,6 +13,7 @@ from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import DecoderStack, find_linears
 from d2prune.engine.channels import find_producers, permute_channels
 from d2prune.engine.executor import Executor
+from d2prune.engine.precision import as_dtype, computing_in
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig
 from d2prune.methods.least_squares import refit_on_support
 from d2prune.patterns import SparsityTarget, nm_violations
@@ -125,11 +126,12 @@ def prune_layer(
     for pruner in pruners.values():
         pruner.begin(executor.first_window)
 
+    dtype = as_dtype(config.compute_dtype, config.device)
     t0 = time.perf_counter()
     stats = _LayerStats(linears, pruners, gram_names)
     try:
         with executor.sync(f"collecting statistics in layer {index}"):
-            run_layer(layer, acts.inps, extras, sizes, None, stats)
+            run_layer(layer, acts.inps, extras, sizes, None, stats, dtype)
     finally:
         stats.remove()
     # [distributed] each rank prunes its share of the linears, then every pruned weight is broadcast.
@@ -211,7 +213,7 @@ def prune_layer(
 
     t0 = time.perf_counter()
     with executor.sync(f"running the pruned layer {index}"):
-        run_layer(layer, acts.inps, extras, sizes, acts.outs)
+        run_layer(layer, acts.inps, extras, sizes, acts.outs, dtype=dtype)
     timings["pruned_forward"] += time.perf_counter() - t0
 
 
@@ -275,20 +277,24 @@ def run_layer(
     sizes: list[int],
     outs: torch.Tensor | None,
     stats: _LayerStats | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Run ``layer`` over all calibration batches (``outs`` receives its outputs when given).
+    """Run ``layer`` over all calibration batches (``outs`` receives its outputs when given), its
+    parameters in ``dtype`` for the pass (None: as they are; see ``engine.precision``).
 
     The activations may live elsewhere than the layer (a file on disk, host memory for a GPU layer):
     each batch is moved to the layer's device and its output back.
     """
     device = next(layer.parameters()).device
     start = 0
-    for size, (rest, kwargs) in zip(sizes, extras):
-        out = layer(inps[start : start + size].to(device), *rest, **kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if outs is not None:
-            outs[start : start + size] = out
-        if stats is not None:
-            stats.end_batch()
-        start += size
+    with computing_in(layer, dtype):
+        for size, (rest, kwargs) in zip(sizes, extras):
+            x = inps[start : start + size].to(device)
+            out = layer(x if dtype is None else x.to(dtype), *rest, **kwargs)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if outs is not None:
+                outs[start : start + size] = out
+            if stats is not None:
+                stats.end_batch()
+            start += size

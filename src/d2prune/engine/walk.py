@@ -25,6 +25,7 @@ from d2prune.engine.architecture import DecoderStack, find_decoder_stack
 from d2prune.engine.capture import capture_inputs_and_arguments
 from d2prune.engine.executor import Executor
 from d2prune.engine.layer import prune_layer, run_layer
+from d2prune.engine.precision import as_dtype
 from d2prune.methods.base import MethodConfig
 from d2prune.patterns import SparsityTarget
 from d2prune.report import PruneReport
@@ -112,13 +113,14 @@ def forward_layers(
     pruned: bool,
     progress: bool = False,
     desc: str = "layers",
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Run decoder layers ``indices`` in turn over the activations (no pruning): each layer's
-    outputs become the next one's inputs."""
+    """Run decoder layers ``indices`` in turn over the activations (no pruning), in ``dtype`` (None:
+    the layers' own): each layer's outputs become the next one's inputs."""
     for index, layer in layers_in_turn(
         stack, store, acts, indices, device, pruned=pruned, progress=progress, desc=desc
     ):
-        run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs)
+        run_layer(layer, acts.inps, layer_extras[index], sizes, acts.outs, dtype=dtype)
 
 
 @torch.no_grad()
@@ -149,6 +151,7 @@ def prune_layers(
     stack = find_decoder_stack(model)
     layers, num_layers = stack.layers, len(stack.layers)
     device = torch.device(config.device)
+    dtype = as_dtype(config.compute_dtype, device)
     sizes = [b["input_ids"].shape[0] for b in batches]
     acts = store.activations(config, device)
     completed = False
@@ -158,7 +161,7 @@ def prune_layers(
             first = start if kept else 0
             t0 = time.perf_counter()
             with executor.sync("capturing the layer-0 inputs"), store.outside_stack(device):
-                _, layer_extras = capture_inputs_and_arguments(model, stack, batches, device, acts, kept)
+                _, layer_extras = capture_inputs_and_arguments(model, stack, batches, device, acts, kept, dtype)
             timings["capture"] += time.perf_counter() - t0
             report.activations = acts.describe()
             t0 = time.perf_counter()
@@ -173,6 +176,7 @@ def prune_layers(
                 pruned=True,
                 progress=config.progress,
                 desc="re-running pruned layers",
+                dtype=dtype,
             )
             if start > first:
                 timings["resume_forward"] = timings.get("resume_forward", 0.0) + time.perf_counter() - t0

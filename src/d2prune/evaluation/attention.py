@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from d2prune.engine.precision import computing_in, resolve_compute_dtype
 from d2prune.errors import UserError
 from d2prune.evaluation.attention_metrics import (
     EPS,
@@ -147,6 +148,7 @@ def run_attention(
     data_dir: str | Path | None = None,
     progress: bool = True,
     *,
+    compute_dtype: str = "model",
     batch_size: int = 1,
     cache_dir: str | Path | bool | None = None,
 ) -> dict[str, Any]:
@@ -189,9 +191,11 @@ def run_attention(
 
     data_dir_path = Path(data_dir).expanduser() if data_dir is not None else None
     windows = get_calibration(dense_tok, data_source, nwindows, seqlen, seed, data_dir_path, cache_dir=cache_dir)
-    result = attention_diagnostics(
-        dense_model, pruned_model, windows, top_k=top_k, batch_size=batch_size, progress=progress
-    )
+    compute = resolve_compute_dtype(compute_dtype, device)
+    with computing_in([dense_model, pruned_model], compute.dtype):
+        result = attention_diagnostics(
+            dense_model, pruned_model, windows, top_k=top_k, batch_size=batch_size, progress=progress
+        )
 
     json_path = out_dir / "attention.json"
     png_path = out_dir / "attention.png"
@@ -208,6 +212,7 @@ def run_attention(
             "top_k": top_k,
             "batch_size": batch_size,
             "dtype": dtype,
+            "compute_dtype": compute.to_dict(next(dense_model.parameters()).dtype),
             "device": str(device),
             "data_dir": str(data_dir) if data_dir is not None else None,
         },

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from d2prune.engine import distributed
+from d2prune.engine.precision import as_dtype, computing_in
 from d2prune.errors import UserError
 
 
@@ -43,6 +44,7 @@ def evaluate_ppl(
     max_windows: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    compute_dtype: torch.dtype | str | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``tokens`` cut into ⌊n/seqlen⌋ windows (tail dropped).
 
@@ -50,6 +52,8 @@ def evaluate_ppl(
     ppl = exp(Σ / (n_windows · seqlen)). The loss is taken in float32 whatever the model's dtype.
     Each window is scored on its own (no context carried over), so ``batch_size`` does not change
     the result beyond float rounding. ``device`` None means the device of the model's first parameter.
+    ``compute_dtype``: the dtype the forwards run in (``engine.precision``; None: the model's); the
+    model's weights are as they were afterwards.
     """
     windows = eval_windows(tokens, seqlen, batch_size, max_windows)
     n_windows = windows.shape[0]
@@ -65,6 +69,7 @@ def evaluate_ppl(
     try:
         with (
             torch.inference_mode(),
+            computing_in(model, as_dtype(compute_dtype, dev)),
             world.sync("computing perplexity"),
             tqdm(
                 total=sum(min(batch_size, n_windows - s) for s in starts),

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from d2prune.engine.precision import as_dtype, computing_in
 from d2prune.errors import UserError
 from d2prune.evaluation.tasks.convert import LOCAL_TASKS, load_task_docs, missing_files
 
@@ -195,6 +196,7 @@ def run_zero_shot(
     device: str | torch.device | None = None,
     offline: bool = True,
     add_bos_token: bool | None = None,
+    compute_dtype: torch.dtype | str | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` (already loaded, evaluated where it is) with lm-evaluation-harness.
 
@@ -206,6 +208,7 @@ def run_zero_shot(
     local data is missing use lm-eval's standard Hub-backed task.
     ``add_bos_token``: passed to lm-eval's HFLM (None = the tokenizer's default; lm-eval 0.4.4, the
     paper's version, never added BOS for causal LMs, later versions follow the tokenizer).
+    ``compute_dtype``: the dtype the forwards run in (``engine.precision``; None: the model's).
 
     Returns ``{task: {"metric", "value", "stderr", "n", "acc", "acc_norm" (None where
     the task has none), "version", "source"}, ...,
@@ -226,7 +229,12 @@ def run_zero_shot(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    with tempfile.TemporaryDirectory(prefix="d2prune_zeroshot_") as tmp, _preserved_state(model, offline):
+    dtype = as_dtype(compute_dtype, next(model.parameters()).device)
+    with (
+        tempfile.TemporaryDirectory(prefix="d2prune_zeroshot_") as tmp,
+        _preserved_state(model, offline),
+        computing_in(model, dtype),
+    ):
         task_manager, run_names, sources = _prepare_tasks(local, hub, data_dir, Path(tmp))
         hflm_kwargs: dict[str, Any] = {
             "pretrained": model,

@@ -32,9 +32,15 @@ class FinetuneConfig:
     save_steps: int | None = None
     seed: int = 0
     device: str = "cpu"
+    # The dtype of the frozen weights during training (``d2prune.engine.precision``; the adapters
+    # stay float32): "model", "float32", "bfloat16", "float16" or "auto".
+    compute_dtype: str = "model"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from d2prune.engine.precision import check_compute_dtype
+
+        self.compute_dtype = check_compute_dtype(self.compute_dtype)
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t for t in self.lora_targets.split(",") if t.strip()]
         self.lora_targets = [t.strip() for t in self.lora_targets]
@@ -78,6 +84,8 @@ class FinetuneConfig:
         d = self.to_dict()
         for k in ("save_steps", "device", "progress"):
             d.pop(k)
+        if d["compute_dtype"] == "model":  # the keys of runs from before the option existed stay valid
+            d.pop("compute_dtype")
         return d
 
 

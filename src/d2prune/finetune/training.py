@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.precision import as_dtype, computing_in
 from d2prune.errors import UserError
 from d2prune.finetune.checkpoints import digest, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_params
 from d2prune.finetune.config import FinetuneConfig, FinetuneReport
@@ -130,6 +131,8 @@ def finetune(
     t0 = time.perf_counter()
     try:
         with (
+            # The frozen weights in the compute dtype; the trained adapters stay float32.
+            computing_in(peft_model, as_dtype(config.compute_dtype, device), frozen_only=True),
             torch.random.fork_rng(devices=[] if device.type == "cpu" else None),
             tqdm(total=total, initial=start, desc="finetune", unit="step", disable=not config.progress) as bar,
         ):

@@ -331,9 +331,14 @@ class DSnoTConfig(MethodConfig):
         return self if base is self.base else dataclasses.replace(self, base=base)
 
     def prepare(
-        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+        self,
+        model: torch.nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        device: torch.device,
+        progress: bool,
+        dtype: torch.dtype | None = None,
     ) -> DSnoTConfig:
-        base = self.base.prepare(model, batches, device, progress)
+        base = self.base.prepare(model, batches, device, progress, dtype)
         return self if base is self.base else dataclasses.replace(self, base=base)
 
     def validate(self, linear_names: list[str], layer_class: str) -> None:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from d2prune.engine import distributed
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack, find_linears
 from d2prune.engine.capture import calibration_batches, capture_layer_inputs, outside_stack_on, tensors_on, to_device
+from d2prune.engine.precision import computing_in
 from d2prune.engine.standin import standing_in
 from d2prune.errors import UserError
 
@@ -338,13 +339,27 @@ def cached_gradient_key(path: str | os.PathLike) -> str | None:
 
 
 def attach_gradients(
-    method: Any, model: nn.Module, batches: Any, device: torch.device | str, progress: bool = True
+    method: Any,
+    model: nn.Module,
+    batches: Any,
+    device: torch.device | str,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Any:
     """``method`` with its ``gradients`` set: as given, from its ``gradient_cache`` when the cache
     key matches, or computed (on ``method.gradient_source`` token ids if set, else on ``batches``)
-    and then written to the cache path if one is given."""
+    and then written to the cache path if one is given. ``dtype``: the forwards' and backwards'
+    (None: the model's); the cache key then covers the weights as cast, so a pass in another dtype
+    does not reuse the cache."""
     if getattr(method, "gradients", None) is not None:
         return method
+    # The whole model is cast for the pass (a host copy of the weights in ``dtype``): the layer-by-layer
+    # mode moves layers to the device one at a time, but the cast copy lives on the host.
+    with computing_in(model, dtype):
+        return _attach_gradients(method, model, batches, device, progress)
+
+
+def _attach_gradients(method: Any, model: nn.Module, batches: Any, device: torch.device | str, progress: bool) -> Any:
     source = getattr(method, "gradient_source", None)
     batches = calibration_batches(source if source is not None else batches, 1)
     cache = getattr(method, "gradient_cache", None)

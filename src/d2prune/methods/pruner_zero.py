@@ -83,13 +83,18 @@ class PrunerZeroConfig(MethodConfig):
     )
 
     def prepare(
-        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, progress: bool
+        self,
+        model: torch.nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        device: torch.device,
+        progress: bool,
+        dtype: torch.dtype | None = None,
     ) -> PrunerZeroConfig:
         """G from ``gradients``, the cache, or a gradient pass over the dense model."""
         # Imported here: gradients.py imports the engine, which imports the methods package.
         from d2prune.methods.gradients import attach_gradients
 
-        return attach_gradients(self, model, batches, device, progress)
+        return attach_gradients(self, model, batches, device, progress, dtype)
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if self.gradients is None:
