@@ -26,6 +26,20 @@ DATA = SHARED / "data"
 QUICK_CLI = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4", "--no-progress", "--data-dir", str(DATA)]
 needs_assets = pytest.mark.skipif(not (TINY.exists() and DATA.exists()), reason="shared assets missing")
 
+# Tests marked ``cuda`` compare a CUDA run with the CPU result; without a GPU they are skipped
+# (``pytest -m cuda``, as scripts/gpu_check.sh runs them, selects only them).
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 # The test tensors are tiny: one intra-op thread is as fast as two, and it keeps OpenMP workers from
 # spin-waiting (tens of times slower) when the 2-core machine is busy with something else.
 torch.set_num_threads(1)
@@ -196,3 +210,30 @@ def cli_cache(tmp_path, monkeypatch):
     """A private token cache for CLI runs (``D2PRUNE_CACHE``)."""
     monkeypatch.setenv("D2PRUNE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def decoder_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every decoder linear's weight by full module path, as float32 CPU copies."""
+    from d2prune.engine.architecture import find_decoder_stack, find_linears
+
+    stack = find_decoder_stack(model)
+    return {
+        f"{stack.path}.{i}.{name}": lin.weight.detach().float().cpu().clone()
+        for i, layer in enumerate(stack.layers)
+        for name, lin in find_linears(layer).items()
+    }
+
+
+def assert_pruned_alike(
+    reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], min_agreement: float, max_rel_diff: float
+) -> None:
+    """Two prunings of one model (e.g. CPU and CUDA, see ``decoder_weights``) agree: at least
+    ``min_agreement`` of the weights are zero in both or in neither, and the weights differ by at most
+    ``max_rel_diff`` of their norm (over all linears)."""
+    assert reference.keys() == other.keys()
+    same = sum(int(((w == 0) == (other[n] == 0)).sum()) for n, w in reference.items())
+    total = sum(w.numel() for w in reference.values())
+    assert same / total >= min_agreement, f"masks agree on {same / total:.4f} of the weights"
+    diff = sum(float((w.double() - other[n].double()).norm() ** 2) for n, w in reference.items()) ** 0.5
+    norm = sum(float(w.double().norm() ** 2) for w in reference.values()) ** 0.5
+    assert diff <= max_rel_diff * norm, f"weights differ by {diff / norm:.2e} of their norm"
