@@ -343,7 +343,7 @@ def _phases(med: dict) -> str:
         return f"{p['statistics']:.1f} / {p['prune']:.1f} / {p['pruned_forward']:.1f}"
     if "statistics_hooks" in p:  # theirs: hooks and compress step timed, forwards are the rest
         rest = p["total"] - p["statistics_hooks"] - p["prune"]
-        return f"hooks {p['statistics_hooks']:.1f}, forwards {rest:.1f} / {p['prune']:.1f} / –"
+        return f"hooks {p['statistics_hooks']:.1f} + forwards of both passes {rest:.1f} / {p['prune']:.1f}"
     return "–"
 
 
