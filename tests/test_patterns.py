@@ -53,3 +53,24 @@ def test_row_mask_sparsity_is_floor(p):
     score = torch.rand(5, 37)
     mask = row_mask(score, SparsityTarget(p))
     assert (mask.sum(1) == int(p * 37)).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 300), (2, 5, 128), (4, 4)])
+def test_lowest_k_mask_selection_equals_the_stable_sort_with_ties(shape):
+    g = torch.Generator().manual_seed(1)
+    score = torch.randint(0, 7, shape, generator=g).float()  # many ties
+    score.view(-1)[:: max(1, score.numel() // 9)] = float("inf")
+    n = shape[-1]
+    for k in (0, 1, n // 3, n // 2, n - 1, n):
+        mask = lowest_k_mask(score, k)
+        # Brute force: the first k positions of a stable ascending sort of each row.
+        flat = score.reshape(-1, n)
+        expected = torch.zeros_like(flat, dtype=torch.bool)
+        for r, row in enumerate(flat.tolist()):
+            for j in sorted(range(n), key=lambda j: (row[j], j))[:k]:
+                expected[r, j] = True
+        assert torch.equal(mask.reshape(-1, n), expected), (shape, k)
+        assert (mask.sum(-1) == k).all()
+    with_nan = score.clone()
+    with_nan.view(-1)[0] = float("nan")  # sorts last; the sort path handles it
+    assert (lowest_k_mask(with_nan, n // 2).sum(-1) == n // 2).all()
