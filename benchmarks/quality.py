@@ -9,7 +9,7 @@ so its wall time and peak RSS are its own. Results accumulate in
     .venv/bin/python benchmarks/quality.py                       # baseline suite
     .venv/bin/python benchmarks/quality.py --suite extended      # Pruner-Zero, OWL, D²Prune auto
     .venv/bin/python benchmarks/quality.py --suite exact         # ALPS, D²-ALPS, RIA, DSnoT, --refit cg
-    .venv/bin/python benchmarks/quality.py --suite bf16          # forwards in bfloat16 (--compute-dtype)
+    .venv/bin/python benchmarks/quality.py --suite bf16          # pruned with bfloat16 forwards, scored in fp32
     .venv/bin/python benchmarks/quality.py --methods wanda --settings 0.5 2:4
 """
 
@@ -55,8 +55,10 @@ METHODS = {
     "magnitude-bf16": ["--method", "magnitude", "--compute-dtype", "bfloat16"],
     "alps-bf16": ["--method", "alps", "--compute-dtype", "bfloat16"],
 }
-# Extra arguments of the dense evaluation per suite (the bf16 suite's dense row is evaluated in bf16).
-DENSE_ARGS = {"bf16": ["--compute-dtype", "bfloat16"]}
+# Methods whose model is pruned with --eval none --save-model and then scored by a separate
+# `d2prune eval` in float32: the bf16 rows measure what bfloat16 forwards do to *pruning*, not
+# bfloat16 logits (which move perplexity by themselves; see benchmarks/README.md#compute-dtype).
+EVAL_SEPARATELY = {name for name in METHODS if name.endswith("-bf16")}
 # Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
 SUITES = {
     "base": (["magnitude", "wanda", "sparsegpt", "d2prune"], ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]),
@@ -68,7 +70,7 @@ SUITES = {
         ["alps", "ria", "dsnot", "sparsegpt-refit", "wanda-refit", "d2alps-none", "alps-auto", "d2alps-auto"],
         ["0.5", "0.6", "0.7", "0.8", "2:4"],
     ),
-    "bf16": (["sparsegpt-bf16", "wanda-bf16", "d2prune-bf16"], ["0.5", "0.7"]),
+    "bf16": (["sparsegpt-bf16", "wanda-bf16", "d2prune-bf16"], ["0.5"]),
 }
 
 
@@ -95,6 +97,22 @@ def summarize(result: dict) -> dict:
     }
 
 
+def prune_then_evaluate(name: str, cmd: list[str], common: list[str]) -> dict:
+    """``cmd`` with --eval none --save-model, then ``d2prune eval`` of the saved model (float32); the
+    prune run's record with the evaluation's perplexity, the two processes' wall times summed."""
+    folder = RUNS / name
+    pruned = run_d2prune(name, [*cmd, "--eval", "none", "--save-model"], folder)
+    scored = run_d2prune(f"{name}-eval", ["eval", str(folder / "model"), *common], folder / "eval")
+    record = {**pruned["record"], "perplexity": {"pruned": scored["record"]["perplexity"]["model"]}}
+    return {
+        **pruned,
+        "command": f"{pruned['command']} && {scored['command']}",
+        "wall_s": pruned["wall_s"] + scored["wall_s"],
+        "peak_rss_mb": max(pruned["peak_rss_mb"], scored["peak_rss_mb"]),
+        "record": record,
+    }
+
+
 def setting_args(setting: str) -> list[str]:
     return ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
 
@@ -110,12 +128,7 @@ def write_table(rows: list[dict]) -> None:
                 settings.append(label)
     names = [n for n in METHODS if any(r["name"].rsplit("-", 1)[0] == n for r in rows)]
     lines = [
-        (f"Dense WikiText-2 perplexity: **{dense['ppl']:.2f}**" if dense else "Dense: not measured")
-        + "".join(
-            f"; evaluated with --compute-dtype {r['name'].split('-', 1)[1]}: {r['ppl']:.2f}"
-            for r in rows
-            if r["method"] == "dense" and r["name"] != "dense"
-        ),
+        f"Dense WikiText-2 perplexity: **{dense['ppl']:.2f}**" if dense else "Dense: not measured",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
@@ -179,9 +192,7 @@ def main() -> None:
     args.settings = args.settings or SUITES[args.suite][1]
 
     common = ["--seqlen", str(args.seqlen), "--eval", "wikitext2", "--eval-windows", str(args.eval_windows)]
-    dense_args = DENSE_ARGS.get(args.suite, [])
-    dense_name = "-".join(["dense", *([args.suite] if dense_args else [])])
-    jobs = [] if args.no_dense else [(dense_name, ["eval", args.model, *common, *dense_args])]
+    jobs = [] if args.no_dense else [("dense", ["eval", args.model, *common])]
     for s in args.settings:
         for m in args.methods:
             if ":" in s and "--sparsity-profile" in METHODS[m]:
@@ -207,10 +218,14 @@ def main() -> None:
 
     results = load_results(RESULTS)
     for name, cmd in jobs:
-        if not args.force and any(r["command"] == shown(cmd) for r in results):
+        separately = shown([*cmd, "--eval", "none", "--save-model"]) + " && "
+        if not args.force and any(r["command"] == shown(cmd) or r["command"].startswith(separately) for r in results):
             print(f"skip {name} (already measured)")
             continue
-        res = summarize(run_d2prune(name, cmd, RUNS / name))
+        if name.rsplit("-", 1)[0] in EVAL_SEPARATELY:
+            res = summarize(prune_then_evaluate(name, cmd, common))
+        else:
+            res = summarize(run_d2prune(name, cmd, RUNS / name))
         print(
             f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s  "
             f"rss {res['peak_rss_mb']:.0f}MB",

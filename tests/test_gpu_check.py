@@ -92,9 +92,14 @@ def test_the_tiny_model_check_compares_two_prunings(small_run):
         assert tiny["status"] == "skipped" and gpu_check.TINY_ENV in tiny["reason"]
         return
     assert tiny["status"] == "ok"
-    assert [r["method"] for r in tiny["runs"]] == gpu_check.TINY_METHODS
-    for run in tiny["runs"]:  # CPU against CPU here: identical
-        assert run["mask_agreement"] == 1.0 and run["ppl_rel_diff"] == 0.0 and run["ppl_cpu"] > 1
+    cases = [(m, "model") for m in gpu_check.TINY_METHODS] + gpu_check.TINY_COMPUTE_DTYPES
+    assert [(r["method"], r["compute_dtype"]) for r in tiny["runs"]] == cases
+    for run in tiny["runs"]:
+        if run["compute_dtype"] == "model":  # CPU against CPU here: identical
+            assert run["mask_agreement"] == 1.0 and run["ppl_rel_diff"] == 0.0 and run["ppl_cpu"] > 1
+        else:  # bf16 forwards (auto: float32 on a CPU without AMX) against float32
+            assert run["status"] == "ok" and run["ppl_rel_diff"] < gpu_check.TINY_MAX_PPL_REL_DIFF_HALF
+            assert run["compute_dtype_ran"]["requested"] == run["compute_dtype"]
 
 
 def test_a_missing_tiny_model_is_skipped_with_the_variable_to_set(tmp_path, monkeypatch):
