@@ -434,14 +434,14 @@ def part_tiny(settings: Settings, record: Callable[[dict], None]) -> dict[str, A
         result["runs"].append(run)
         try:
             pruned = []
-            for on in ("cpu", settings.device):
+            for second, on in enumerate(("cpu", settings.device)):
                 model = copy.deepcopy(base)  # on the CPU; the engine moves each layer to ``on`` (as the CLI)
                 config = d2prune.PruneConfig(
                     method=method,
                     sparsity=0.5,
                     device=on,
                     progress=False,
-                    compute_dtype=compute if on != "cpu" else "model",  # the CPU reference: float32
+                    compute_dtype=compute if second else "model",  # the CPU reference: float32
                 )
                 report = d2prune.prune(model, calib, config)
                 weights = {n: lin.weight.detach().clone() for n, lin in decoder_linears(model).items()}
