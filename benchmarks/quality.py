@@ -102,7 +102,8 @@ def prune_then_evaluate(name: str, cmd: list[str], common: list[str]) -> dict:
     prune run's record with the evaluation's perplexity, the two processes' wall times summed."""
     folder = RUNS / name
     pruned = run_d2prune(name, [*cmd, "--eval", "none", "--save-model"], folder)
-    scored = run_d2prune(f"{name}-eval", ["eval", str(folder / "model"), *common], folder / "eval")
+    # Relative to the repository root, where the runs start: the recorded command works in any clone.
+    scored = run_d2prune(f"{name}-eval", ["eval", str((folder / "model").relative_to(ROOT)), *common], folder / "eval")
     record = {**pruned["record"], "perplexity": {"pruned": scored["record"]["perplexity"]["model"]}}
     return {
         **pruned,
