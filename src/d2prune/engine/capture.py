@@ -76,7 +76,7 @@ def tensors_on(modules: Iterable[nn.Module], device: torch.device) -> Iterator[N
 
 
 def outside_modules(model: nn.Module, stack: DecoderStack) -> list[nn.Module]:
-    """Every module of ``model`` outside its decoder stack (their own parameters only)."""
+    """Every module of ``model`` outside its decoder stack (the stack's module itself excluded)."""
     prefix = stack.path + "."
     return [m for path, m in model.named_modules() if path != stack.path and not path.startswith(prefix)]
 
@@ -92,7 +92,8 @@ def outside_stack_computing(
 ) -> Iterator[None]:
     """The modules outside the stack on ``device`` and computing in ``dtype`` (None: their own), so the
     hidden states, masks and rotary embeddings the stack receives come in the dtype the layers run in."""
-    with outside_stack_on(model, stack, device), computing_in(own_parameters(outside_modules(model, stack)), dtype):
+    outside = outside_modules(model, stack)
+    with tensors_on(outside, device), computing_in(own_parameters(outside), dtype):
         yield
 
 

@@ -13,7 +13,7 @@ from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import DecoderStack, find_linears
 from d2prune.engine.channels import find_producers, permute_channels
 from d2prune.engine.executor import Executor
-from d2prune.engine.precision import as_dtype, computing_in
+from d2prune.engine.precision import computing_in
 from d2prune.methods.base import Gram, LinearPruner, MethodConfig
 from d2prune.methods.least_squares import refit_on_support
 from d2prune.patterns import SparsityTarget, nm_violations
@@ -110,11 +110,13 @@ def prune_layer(
     report: PruneReport,
     timings: dict[str, float],
     executor: Executor,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Statistics pass, pruning of every linear, pruned forward (outputs into ``acts.outs``).
 
     ``executor``: the processes that share the calibration windows and the linears (its
-    ``first_window`` is the global index of this process's first window).
+    ``first_window`` is the global index of this process's first window). ``dtype``: the
+    forwards' (the resolved ``config.compute_dtype``; None: the layer's own).
     """
     linears = find_linears(layer)
     pruners = {
@@ -126,7 +128,6 @@ def prune_layer(
     for pruner in pruners.values():
         pruner.begin(executor.first_window)
 
-    dtype = as_dtype(config.compute_dtype, config.device)
     t0 = time.perf_counter()
     stats = _LayerStats(linears, pruners, gram_names)
     try:

@@ -197,6 +197,7 @@ def prune_layers(
                     report,
                     timings,
                     executor,
+                    dtype,
                 )
                 with executor.sync(f"saving layer {index}"):
                     store.release(index, layer, save=True)
