@@ -84,6 +84,8 @@ def _bos_id(tokenizer: Any, model: Any, why: str) -> int:
     else:
         config = getattr(model, "config", model)
         token_id = getattr(config, "bos_token_id", None)
+        if token_id is None:  # a multimodal config keeps it in its text config
+            token_id = getattr(getattr(config, "text_config", None), "bos_token_id", None)
         source = "the model config"
     if isinstance(token_id, (list, tuple)):
         token_id = token_id[0] if token_id else None
