@@ -10,29 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import BOS_ID, WORDS, word_tokenizer
 from d2prune import data
 from d2prune.data import WindowBos, resolve_window_bos, tokens
 from d2prune.errors import UserError
 from d2prune.evaluation.perplexity import eval_windows
 
-WORDS = "the cat sat on a mat while dog ran in park and bird sang tall green tree".split()
-SPECIALS = ["<unk>", "<pad>", "<bos>", "<eos>"]
-BOS_ID = 2
 SEQLEN = 16
-
-
-def word_tokenizer(bos: bool = True):
-    """A word-level fast tokenizer over WORDS; it adds no special tokens, and has a BOS token only if ``bos``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + ["."])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = {"bos_token": "<bos>"} if bos else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", **extra
-    )
 
 
 @pytest.fixture(scope="module")
