@@ -237,3 +237,22 @@ def assert_pruned_alike(
     diff = sum(float((w.double() - other[n].double()).norm() ** 2) for n, w in reference.items()) ** 0.5
     norm = sum(float(w.double().norm() ** 2) for w in reference.values()) ** 0.5
     assert diff <= max_rel_diff * norm, f"weights differ by {diff / norm:.2e} of their norm"
+
+
+# A tiny word-level tokenizer (--window-bos tests): ids 0-3 are <unk> <pad> <bos> <eos>, then the words.
+WORDS = "the cat sat on a mat while dog ran in park and bird sang tall green tree".split()
+BOS_ID = 2
+
+
+def word_tokenizer(bos: bool = True):
+    """A fast tokenizer over WORDS and "."; it adds no special tokens, and has a BOS token only if ``bos``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<bos>", "<eos>", *WORDS, "."])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"bos_token": "<bos>"} if bos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", **extra
+    )

@@ -41,7 +41,8 @@ def choose_on_heldout(
     perplexity; ``model`` ends pruned with the winner. Returns its report and the choice's record
     (``chosen``: the winner's label, ``heldout_ppl``: the perplexity of each label).
 
-    ``heldout`` is a LongTensor (windows, tokens), each row one evaluation window.
+    ``heldout`` is a LongTensor (windows, tokens), each row one evaluation window, scored as given: with
+    ``--window-bos`` the windows carry BOS first already (``d2prune.data.get_heldout(..., window_bos=...)``).
     """
     candidates = candidates if candidates is not None else heldout_candidates(model, config)
     if not candidates:

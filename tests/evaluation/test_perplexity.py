@@ -120,3 +120,19 @@ def test_errors_and_mode_restored(model, tokens):
         assert model.training
     finally:
         model.eval()
+
+
+def test_window_bos_always_scores_the_same_targets_after_a_bos(model, tokens, full):
+    bos = model.config.bos_token_id
+    res = evaluate_ppl(model, tokens, SEQLEN, progress=False, window_bos="always")
+    # The reference: the same windows with their first token replaced by BOS, scored one by one.
+    windows = tokens[:, : 4 * SEQLEN].reshape(4, SEQLEN).clone()
+    assert (windows[:, 0] != bos).all()
+    windows[:, 0] = bos
+    ppl, nlls = brute_force(model, windows.reshape(1, -1), SEQLEN)
+    assert res.ppl == pytest.approx(ppl, rel=1e-5) and res.nll_per_window == pytest.approx(nlls, rel=1e-5)
+    assert (res.n_windows, res.n_tokens) == (full.n_windows, full.n_tokens)  # the same count of tokens
+    assert res.ppl != pytest.approx(full.ppl, rel=1e-3)
+    # auto on this LLaMA keeps the canonical windows: the very numbers of the default.
+    assert evaluate_ppl(model, tokens, SEQLEN, progress=False, window_bos="auto").nll_per_window == full.nll_per_window
+    assert evaluate_ppl(model, tokens, SEQLEN, progress=False, window_bos="never").nll_per_window == full.nll_per_window

@@ -116,6 +116,13 @@ def test_streamed_output_is_identical_to_in_memory_pruning(tmp_path, key, method
     # Layer-by-layer evaluation from disk gives the same numbers.
     streamed = evaluate_streamed(out, tokens, 16, progress=False)
     assert streamed.nll_per_window == expected.nll_per_window
+    # With BOS first in every window (--window-bos always; the config's BOS id) they agree as well.
+    with_bos = evaluate_ppl(loaded, tokens, 16, progress=False, window_bos="always")
+    assert (
+        evaluate_streamed(out, tokens, 16, progress=False, window_bos="always").nll_per_window
+        == with_bos.nll_per_window
+    )
+    assert with_bos.nll_per_window != expected.nll_per_window
 
 
 def test_streamed_owl_and_half_precision_match_in_memory(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from d2prune.cli.options import add_compute_dtype
+from d2prune.cli.options import add_compute_dtype, add_window_bos
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     at.add_argument(
         "--seed", type=int, default=1234, help="seed of the held-out draw (default 1234; calibration uses 0)"
     )
+    add_window_bos(at)
     at.add_argument("--top-k", type=int, default=8, help="keys counted in the top-k attention mass (default 8)")
     at.add_argument("--dtype", default="float32")
     at.add_argument("--device", default="cpu")
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         dtype=args.dtype,
         compute_dtype=args.compute_dtype,
+        window_bos=args.window_bos,
         device=args.device,
         data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
         progress=not args.no_progress,

@@ -111,6 +111,18 @@ def load(args: argparse.Namespace, streamed: bool, timings: dict[str, float]) ->
     return model, tokenizer
 
 
+def window_bos(args: argparse.Namespace, model, tokenizer, record: dict) -> None:
+    """--window-bos for the loaded model (``args.bos``), with the choice and why in the run record."""
+    from d2prune.data import resolve_window_bos
+
+    if isinstance(model, Path):  # streamed: the folder stands for the model, its config has the model_type
+        from transformers import AutoConfig
+
+        model = AutoConfig.from_pretrained(model)
+    args.bos = resolve_window_bos(args.window_bos, model, tokenizer)
+    record["window_bos"] = args.bos.to_dict()
+
+
 def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: dict) -> None:
     """Perplexity on every --eval set; ``model`` is a model in memory or the folder of one that is
     evaluated layer by layer from disk (--offload disk)."""
@@ -120,6 +132,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
     from d2prune.streaming import evaluate_streamed
 
     streamed = isinstance(model, Path)
+    bos = getattr(args, "bos", "never")  # set by window_bos(); a command that never called it: canonical windows
     # The model lives on the CPU between phases (pruning moves one layer at a time); evaluation
     # runs the whole model on the compute device.
     home = None if streamed else next(model.parameters()).device
@@ -145,10 +158,13 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
                     device=args.device,
                     activation_offload=args.activation_offload,
                     threshold=args.offload_threshold,
+                    window_bos=bos,
                     **options,
                 )
             else:
-                res = evaluate_ppl(model, tokens, args.seqlen, compute_dtype=args.compute.dtype, **options)
+                res = evaluate_ppl(
+                    model, tokens, args.seqlen, compute_dtype=args.compute.dtype, window_bos=bos, **options
+                )
             results.setdefault(label, {})[name] = res.to_dict()
     finally:
         if not streamed:

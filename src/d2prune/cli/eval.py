@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if streamed and args.zero_shot:
         raise UserError("--zero-shot needs the whole model in memory; use --offload none")
     model, tokenizer = common.load(args, streamed, timings)
+    common.window_bos(args, model, tokenizer, record)
 
     common.evaluate_all(model, tokenizer, args, "model", ppl, record, timings)
     if distributed.current().rank > 0:  # only rank 0 prints and writes

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     record = common.new_record(args, offload)
     timings: dict[str, float] = {}
     model, tokenizer = common.load(args, False, timings)
+    common.window_bos(args, model, tokenizer, record)
     return train_evaluate_save(args, model, tokenizer, record, timings)
 
 
@@ -118,6 +119,7 @@ def train_evaluate_save(args: argparse.Namespace, model, tokenizer, record: dict
         max_samples=args.max_train_samples,
         data_dir=args.data_dir_path,
         cache_dir=args.cache_dir_path,
+        window_bos=args.bos,
     )
     timings["train_data"] = time.perf_counter() - t0
     if args.max_train_samples and len(blocks) < args.max_train_samples:

@@ -35,6 +35,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--seqlen", type=int, default=2048, help="tokens per calibration and evaluation window (default 2048)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    add_window_bos(p)
     p.add_argument(
         "--eval",
         "--eval_dataset",
@@ -92,6 +93,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     zs.add_argument("--limit", type=int, default=None, help="first K items of each task (quick runs)")
     zs.add_argument("--zero-shot-batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+
+
+def add_window_bos(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--window-bos",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="BOS as the first token of every token window: always, never (the canonical windows), or auto "
+        "(default: always for Gemma-family models, never for the others; docs/data.md#window-bos)",
+    )
 
 
 def add_compute_dtype(p: argparse.ArgumentParser) -> None:

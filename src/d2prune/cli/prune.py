@@ -180,6 +180,7 @@ def read_text_sources(args: argparse.Namespace, config, tokenizer) -> None:
                         seed=args.seed,
                         data_dir=args.data_dir_path,
                         cache_dir=args.cache_dir_path,
+                        window_bos=args.bos,
                     )
                 },
             )
@@ -219,6 +220,7 @@ def prune_choosing_on_heldout(
             calib_seed=args.seed,
             seed=args.heldout_seed,
             data_dir=args.data_dir_path,
+            window_bos=args.bos,
         )
     report, choice = selection.choose_on_heldout(model, calibration, heldout, config)
     choice["heldout_source"] = args.heldout_source or calib_source
@@ -298,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     if streamed and args.zero_shot:
         raise UserError("--zero-shot needs the whole model in memory; use --offload none")
     model, tokenizer = common.load(args, streamed, timings)
+    common.window_bos(args, model, tokenizer, record)
 
     calib_source = args.calib_data_path or args.calib
     t0 = time.perf_counter()
@@ -310,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             data_dir=args.data_dir_path,
             cache_dir=args.cache_dir_path,
+            window_bos=args.bos,
         )
     timings["calibration_data"] = time.perf_counter() - t0
     if args.eval_dense:

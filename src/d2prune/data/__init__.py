@@ -10,9 +10,11 @@ A name whose local file is missing falls back to the Hugging Face Hub.
 
 Modules: :mod:`~d2prune.data.sources` (where a source lives), :mod:`~d2prune.data.readers` (its
 texts), :mod:`~d2prune.data.cache` (fingerprints and the token cache), :mod:`~d2prune.data.tokens`
-(windows, evaluation tokens, training blocks). The public names are re-exported here.
+(windows, evaluation tokens, training blocks), :mod:`~d2prune.data.bos` (``--window-bos``). The public
+names are re-exported here.
 """
 
+from d2prune.data.bos import WINDOW_BOS_CHOICES, WindowBos, resolve_window_bos
 from d2prune.data.cache import CACHE_FORMAT_VERSION, default_cache_dir, sha256_path, source_info, tokenizer_identity
 from d2prune.data.readers import C4_EVAL_DOCS, parse_json_lines, wikitext_rows_from_raw
 from d2prune.data.sources import (
@@ -30,10 +32,12 @@ __all__ = [
     "C4_EVAL_DOCS",
     "CACHE_FORMAT_VERSION",
     "KNOWN_SOURCES",
+    "WINDOW_BOS_CHOICES",
     "HubSpec",
     "Layout",
     "Purpose",
     "ResolvedSource",
+    "WindowBos",
     "default_cache_dir",
     "default_data_dir",
     "get_calibration",
@@ -42,6 +46,7 @@ __all__ = [
     "get_train_blocks",
     "parse_json_lines",
     "resolve_source",
+    "resolve_window_bos",
     "sha256_path",
     "source_info",
     "tokenizer_identity",

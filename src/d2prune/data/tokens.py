@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from d2prune.data.bos import WindowBos, resolve_window_bos
 from d2prune.data.cache import cached
 from d2prune.data.readers import calibration_docs, eval_text, load_corpus
 from d2prune.data.sources import resolve_source
@@ -103,6 +104,7 @@ def get_calibration(
     seed: int = 0,
     data_dir: Path | None = None,
     cache_dir: Path | None | bool = None,
+    window_bos: str | WindowBos = "never",
 ) -> torch.LongTensor:
     """``nsamples`` calibration windows of ``seqlen`` tokens, shape (nsamples, seqlen), drawn as the
     SparseGPT/Wanda C4 loader draws them (see module docstring).
@@ -110,10 +112,13 @@ def get_calibration(
     Document sources (C4, json, parquet, datasets folders) draw from their documents; text sources
     (plain files, wikitext2, ptb) draw from blank-line separated paragraphs, or from the whole text as
     one document when no paragraph is longer than ``seqlen``. ``cache_dir=False`` disables the cache.
+    ``window_bos``: "never" (default, the reference windows), "always" (BOS replaces the first token of
+    every window, :mod:`d2prune.data.bos`) or a :class:`WindowBos` resolved for the model.
     """
     _check_positive(nsamples=nsamples, seqlen=seqlen)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be an integer, got {seed!r}")
+    bos = resolve_window_bos(window_bos, tokenizer=tokenizer)
     src = resolve_source(source, data_dir, "calibration")
 
     def draw() -> torch.Tensor:
@@ -132,8 +137,8 @@ def get_calibration(
                 f"(longest {e.longest}, {e.total_tokens} tokens in all); use a shorter seqlen or more data"
             ) from None
 
-    key = {"kind": "calibration", "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    return cached(cache_dir, "calib", src, tokenizer, key, draw)
+    key = {"kind": "calibration", "nsamples": nsamples, "seqlen": seqlen, "seed": seed, **bos.cache_key()}
+    return cached(cache_dir, "calib", src, tokenizer, key, lambda: bos.apply(draw()))
 
 
 def get_heldout(
@@ -145,11 +150,14 @@ def get_heldout(
     calib_seed: int = 0,
     seed: int = 1,
     data_dir: Path | None = None,
+    window_bos: str | WindowBos = "never",
 ) -> torch.LongTensor:
     """``nsamples`` windows of ``seqlen`` tokens from documents of ``source`` that the calibration
     draw (``calib_nsamples``, ``seqlen``, ``calib_seed``) did not touch: held-out text for choosing
-    hyper-parameters without looking at the calibration windows or the evaluation text."""
+    hyper-parameters without looking at the calibration windows or the evaluation text.
+    ``window_bos`` as for :func:`get_calibration` (BOS does not change which documents are drawn)."""
     _check_positive(nsamples=nsamples, seqlen=seqlen, calib_nsamples=calib_nsamples)
+    bos = resolve_window_bos(window_bos, tokenizer=tokenizer)
     src = resolve_source(source, data_dir, "calibration")
     docs, _ = calibration_docs(load_corpus(src))
     try:
@@ -160,7 +168,7 @@ def get_heldout(
             f"data source {src.name!r} ({src.location}) has no document of more than {seqlen} tokens "
             f"left after the {calib_nsamples} calibration windows; held-out windows need separate documents"
         ) from None
-    return windows
+    return bos.apply(windows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,6 +187,8 @@ def get_eval_tokens(
     :func:`wikitext_rows_from_raw`); ptb: ``"\\n\\n".join`` of the test sentences; c4: the first 1100
     documents joined with " " (SparseGPT's C4 eval; it then uses 256 windows: ``max_windows=256``);
     other document sources: texts joined with "\\n\\n"; a plain-text file: its content as is.
+    The windows are cut later (``evaluation.perplexity.eval_windows``), and BOS set there
+    (``window_bos``): the cached tokens are the same whatever ``--window-bos``.
     """
     src = resolve_source(source, data_dir, "eval")
 
@@ -202,16 +212,19 @@ def get_train_blocks(
     max_samples: int | None = None,
     data_dir: Path | None = None,
     cache_dir: Path | None | bool = None,
+    window_bos: str | WindowBos = "never",
 ) -> torch.LongTensor:
     """Training blocks for LoRA fine-tuning, shape (n_blocks, block_size), as HF ``run_clm`` makes them.
 
     Every document of ``source`` (its training-like split, as for calibration) is tokenized with the
     tokenizer's own special tokens, the ids are concatenated in document order and cut into
     ``block_size`` chunks (tail dropped); the first ``max_samples`` chunks are kept (all if None).
+    ``window_bos`` as for :func:`get_calibration`: "always" makes BOS the first token of every block.
     """
     _check_positive(block_size=block_size)
     if max_samples is not None:
         _check_positive(max_samples=max_samples)
+    bos = resolve_window_bos(window_bos, tokenizer=tokenizer)
     src = resolve_source(source, data_dir, "calibration")
 
     def blocks() -> torch.Tensor:
@@ -230,7 +243,7 @@ def get_train_blocks(
             )
         if max_samples is not None:
             n = min(n, max_samples)
-        return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+        return bos.apply(torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size))
 
-    key = {"kind": "train-blocks", "block_size": block_size, "max_samples": max_samples}
+    key = {"kind": "train-blocks", "block_size": block_size, "max_samples": max_samples, **bos.cache_key()}
     return cached(cache_dir, "train", src, tokenizer, key, blocks)

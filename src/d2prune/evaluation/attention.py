@@ -151,6 +151,7 @@ def run_attention(
     compute_dtype: str = "model",
     batch_size: int = 1,
     cache_dir: str | Path | bool | None = None,
+    window_bos: str = "never",
 ) -> dict[str, Any]:
     """Load ``dense`` and ``pruned`` (paths / ids for :func:`d2prune.io.models.load_model`), compare their
     attention on ``nwindows`` windows of ``seqlen`` tokens, write ``out_dir/attention.json`` and
@@ -160,9 +161,10 @@ def run_attention(
     ``seed`` (default 1234) instead of the calibration default 0, so they are other text than a
     default calibration draw — held-out windows. They come from the same pool of documents, so an
     overlap with calibration text is unlikely but not excluded. Both models must share the tokenizer
-    (same vocabulary size), since the same token ids are fed to both.
+    (same vocabulary size), since the same token ids are fed to both. ``window_bos`` ("never", "always"
+    or "auto", resolved for the dense model and its tokenizer): BOS as each window's first token.
     """
-    from d2prune.data import get_calibration, source_info
+    from d2prune.data import get_calibration, resolve_window_bos, source_info
     from d2prune.finetune import adapters as _adapters  # noqa: F401 - load_model then opens adapter folders
     from d2prune.io.atomic import write_json_atomic
     from d2prune.io.models import load_model, load_sparsity_record, model_seqlen
@@ -190,7 +192,10 @@ def run_attention(
         raise UserError(f"seqlen {seqlen} is longer than the models' context length {context}")
 
     data_dir_path = Path(data_dir).expanduser() if data_dir is not None else None
-    windows = get_calibration(dense_tok, data_source, nwindows, seqlen, seed, data_dir_path, cache_dir=cache_dir)
+    bos = resolve_window_bos(window_bos, dense_model, dense_tok)
+    windows = get_calibration(
+        dense_tok, data_source, nwindows, seqlen, seed, data_dir_path, cache_dir=cache_dir, window_bos=bos
+    )
     compute = resolve_compute_dtype(compute_dtype, device)
     with computing_in([dense_model, pruned_model], compute.dtype):
         result = attention_diagnostics(
@@ -212,6 +217,7 @@ def run_attention(
             "top_k": top_k,
             "batch_size": batch_size,
             "dtype": dtype,
+            "window_bos": bos.to_dict(),
             "compute_dtype": compute.to_dict(next(dense_model.parameters()).dtype),
             "device": str(device),
             "data_dir": str(data_dir) if data_dir is not None else None,

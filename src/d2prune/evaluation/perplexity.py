@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from d2prune.data.bos import WindowBos, resolve_window_bos
 from d2prune.engine import distributed
 from d2prune.engine.precision import as_dtype, computing_in
 from d2prune.errors import UserError
@@ -45,6 +46,7 @@ def evaluate_ppl(
     device: str | torch.device | None = None,
     progress: bool = True,
     compute_dtype: torch.dtype | str | None = None,
+    window_bos: str | WindowBos = "never",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``tokens`` cut into ⌊n/seqlen⌋ windows (tail dropped).
 
@@ -53,9 +55,12 @@ def evaluate_ppl(
     Each window is scored on its own (no context carried over), so ``batch_size`` does not change
     the result beyond float rounding. ``device`` None means the device of the model's first parameter.
     ``compute_dtype``: the dtype the forwards run in (``engine.precision``; None: the model's); the
-    model's weights are as they were afterwards.
+    model's weights are as they were afterwards. ``window_bos``: "never" (default: the windows as cut),
+    "always" (BOS replaces each window's first token, which is never a target, so the same tokens are
+    scored), "auto" (by the model's model_type), or a :class:`~d2prune.data.WindowBos` resolved with the
+    tokenizer; a string takes the BOS id from the model config (see docs/data.md#window-bos).
     """
-    windows = eval_windows(tokens, seqlen, batch_size, max_windows)
+    windows = eval_windows(tokens, seqlen, batch_size, max_windows, resolve_window_bos(window_bos, model))
     n_windows = windows.shape[0]
     dev = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
@@ -91,9 +96,14 @@ def evaluate_ppl(
 
 
 def eval_windows(
-    tokens: torch.Tensor, seqlen: int, batch_size: int = 1, max_windows: int | None = None
+    tokens: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    window_bos: WindowBos | None = None,
 ) -> torch.LongTensor:
-    """``tokens`` cut into ⌊n/seqlen⌋ windows (windows, seqlen), tail dropped, at most ``max_windows``."""
+    """``tokens`` cut into ⌊n/seqlen⌋ windows (windows, seqlen), tail dropped, at most ``max_windows``;
+    with BOS as each window's first token if ``window_bos`` says so."""
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise UserError(f"seqlen must be an integer >= 2, got {seqlen!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -108,7 +118,8 @@ def eval_windows(
         raise UserError(f"evaluation data has {flat.numel()} tokens, fewer than one window of {seqlen}")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    return flat[: n_windows * seqlen].view(n_windows, seqlen).long()
+    windows = flat[: n_windows * seqlen].view(n_windows, seqlen).long()
+    return window_bos.apply(windows) if window_bos is not None else windows
 
 
 def window_nlls(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from d2prune.data.bos import WindowBos, resolve_window_bos
 from d2prune.engine import distributed
 from d2prune.engine.activations import Activations
 from d2prune.engine.capture import calibration_batches, capture_inputs_and_arguments
@@ -28,17 +29,20 @@ def evaluate_streamed(
     activation_offload: str = "auto",
     threshold: float = 0.5,
     progress: bool = True,
+    window_bos: str | WindowBos = "never",
 ):
     """Perplexity of the model in ``folder`` computed layer by layer (the same windows and loss as
     ``evaluation.perplexity.evaluate_ppl``): one decoder layer in memory at a time, then the final norm and head
     applied to the last layer's outputs. Under torchrun each rank runs its share of the windows (every
-    rank reads ``folder``) and the per-window NLLs are summed over ranks."""
+    rank reads ``folder``) and the per-window NLLs are summed over ranks. ``window_bos`` as for
+    ``evaluate_ppl`` (a string resolves against the folder's config)."""
     from d2prune.evaluation.perplexity import eval_windows, perplexity_result
 
     world = distributed.current()
     streamed = StreamedModel(folder, dtype)
     dev = torch.device(device)
-    windows = eval_windows(tokens, seqlen, batch_size, max_windows)
+    bos = resolve_window_bos(window_bos, streamed.model)
+    windows = eval_windows(tokens, seqlen, batch_size, max_windows, bos)
     batches = calibration_batches(windows, batch_size)
     # [distributed] this rank's batches (maybe none); each rank fills only its own windows' slots
     local, lo = world.shard(batches, "evaluation batches", allow_empty=True)
