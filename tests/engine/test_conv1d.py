@@ -197,6 +197,18 @@ def test_d2prune_default_target_layers_name_llama_linears_clearly():
         api.prune(tiny_gpt2(), make_calibration_ids(vocab=VOCAB), config)
 
 
+def test_target_layers_auto_chooses_between_the_fused_qkv_and_none():
+    from d2prune.methods.d2prune import D2PruneConfig
+    from d2prune.selection import choose_on_heldout
+
+    model, heldout = tiny_gpt2(), make_calibration_ids(windows=3, seed=99, vocab=VOCAB)
+    config = PruneConfig(method=D2PruneConfig(target_layers="auto"), sparsity=0.5, progress=False)
+    _, record = choose_on_heldout(model, make_calibration_ids(vocab=VOCAB), heldout, config)
+    scores = record["heldout_ppl"]
+    assert set(scores) == {"attn.c_attn", "none"} and record["chosen"] == min(scores, key=scores.get)
+    assert all(int((w == 0).sum()) == w.numel() // 2 for w in matrices(model).values())
+
+
 def test_nm_width_check_reads_the_conv1d_input_width():
     # n_inner = 130 (not a multiple of 4): mlp.c_fc writes 130 outputs, mlp.c_proj reads 130 inputs.
     # Only mlp.c_proj breaks 2:4; reading the stored (in, out) shape as (out, in) would blame c_fc.
@@ -257,3 +269,18 @@ def test_cli_prunes_and_evaluates_a_gpt2_folder(tmp_path, cli_cache):
     assert main([*eval_args, "--data-dir", str(DATA), "--output-dir", str(ev)]) == 0
     again = json.loads((ev / "run.json").read_text())["perplexity"]["model"]["wikitext2"]["ppl"]
     assert again == pytest.approx(pruned, rel=1e-5)
+
+
+def test_streamed_prune_of_a_gpt2_folder_matches_the_in_memory_prune(tmp_path):
+    from d2prune.streaming import prune_checkpoint
+
+    tiny_gpt2().save_pretrained(tmp_path / "src")
+    ids = make_calibration_ids(vocab=VOCAB)
+    config = PruneConfig(method="sparsegpt", pattern="2:4", progress=False)
+    _, target = prune_checkpoint(tmp_path / "src", ids, config, tmp_path / "out")
+    in_memory = tiny_gpt2()
+    api.prune(in_memory, ids, config)
+    streamed = transformers.GPT2LMHeadModel.from_pretrained(str(target)).state_dict()
+    assert streamed.keys() == in_memory.state_dict().keys()
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(streamed[name], tensor), name
