@@ -175,6 +175,26 @@ def test_conv1d_is_pruned_like_the_linear_holding_its_transpose(method, options,
         assert not torch.equal(got[name], dense[name])
 
 
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_pruner_zero_gradients_are_out_in_like_the_weight_matrix(layerwise):
+    from d2prune.methods.gradients import gradient_norms
+
+    model, ids = tiny_gpt2(), make_calibration_ids(windows=3, vocab=VOCAB)
+    norms = gradient_norms(model, ids, progress=False, layerwise=layerwise)
+    # Brute force: each window's loss gradient w.r.t. the stored (in, out) weight, squared, summed.
+    block = model.transformer.h[1]
+    for name in ("attn.c_attn", "attn.c_proj"):  # c_proj is square: only the values tell the layouts apart
+        weight = block.get_submodule(name).weight
+        total = torch.zeros_like(weight)
+        for k in range(ids.shape[0]):
+            with torch.enable_grad():
+                grad = torch.autograd.grad(model(ids[k : k + 1], labels=ids[k : k + 1]).loss, weight)[0]
+            total += (100.0 * grad) ** 2
+        got = norms[f"transformer.h.1.{name}"]
+        assert got.shape == weight_matrix(block.get_submodule(name)).shape
+        torch.testing.assert_close(got, total.sqrt().t(), rtol=1e-4, atol=1e-6)
+
+
 def test_gpt2_mlp_channels_are_permuted_exactly():
     model = tiny_gpt2()
     block = model.transformer.h[0]
