@@ -249,7 +249,7 @@ def _prune_linear(
     t0 = time.perf_counter()
     measure = config.measure_error
     weight = weight_matrix(lin)  # (out, in); a transposed view for Conv1D, written through below
-    old = weight.float().clone() if measure or refit_gram is not None else None
+    old = weight.float().clone(memory_format=torch.contiguous_format) if measure or refit_gram is not None else None
     # Methods get a contiguous (out, in) matrix (a copy only for Conv1D), as for nn.Linear.
     new = pruner.prune(weight.contiguous(), target, gram)
     pruned = None
