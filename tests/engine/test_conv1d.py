@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
+import transformers.pytorch_utils
 
 from conftest import DATA, QUICK_CLI, TINY, make_calibration_ids, needs_assets
 from d2prune import api
@@ -119,6 +120,33 @@ def test_torch_conv1d_and_other_modules_are_not_linears():
     fake = nn.Module()
     fake.weight = nn.Parameter(torch.zeros(3, 5))
     assert not is_linear(fake)
+
+
+class Conv1D(nn.Module):
+    """A model's own copy of transformers' Conv1D (as remote code has): found by name and shape."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.nf, self.nx = original.nf, original.nx
+        self.weight, self.bias = original.weight, original.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def test_a_models_own_conv1d_copy_is_pruned_like_transformers_conv1d():
+    copy = tiny_gpt2()
+    for name, module in list(copy.named_modules()):
+        if isinstance(module, transformers.pytorch_utils.Conv1D):
+            parent, _, child = name.rpartition(".")
+            setattr(copy.get_submodule(parent), child, Conv1D(module))
+    assert {type(m) for m in find_linears(copy.transformer.h[0]).values()} == {Conv1D}
+    original, ids = tiny_gpt2(), make_calibration_ids(vocab=VOCAB)
+    config = PruneConfig(method="wanda", pattern="2:4", progress=False)
+    api.prune(copy, ids, config)
+    api.prune(original, ids, config)
+    got, want = matrices(copy), matrices(original)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 # ------------------------------------------------------------------------------------------ pruning

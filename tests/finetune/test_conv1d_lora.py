@@ -105,3 +105,16 @@ def test_conv1d_adapter_reloads_onto_the_pruned_base(tmp_path):
         expected = report.model(input_ids=ids).logits
         loaded = load_adapter(copy.deepcopy(pruned), tmp_path / "adapter")
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_a_models_own_conv1d_copy_is_a_clear_error_as_lora_target():
+    class Conv1D(torch.nn.Module):  # pruned like transformers' Conv1D, but peft cannot adapt it
+        def __init__(self, original):
+            super().__init__()
+            self.nf, self.nx, self.weight, self.bias = original.nf, original.nx, original.weight, original.bias
+
+    model = pruned_gpt2()
+    for block in model.transformer.h:
+        block.mlp.c_fc = Conv1D(block.mlp.c_fc)
+    with pytest.raises(d2prune.UserError, match="c_fc, which is not a linear layer"):
+        finetune(model, make_calibration_ids(12, 32, seed=1), quick_config(lora_targets=["c_fc"]))

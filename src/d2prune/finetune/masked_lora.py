@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from d2prune.engine.architecture import as_stored, is_conv1d, is_linear, weight_matrix
+from d2prune.engine.architecture import as_stored, is_conv1d, weight_matrix
 from d2prune.errors import UserError
 from d2prune.finetune.config import FinetuneConfig
 
@@ -113,17 +113,22 @@ def _lora_config(config: FinetuneConfig):
     return lora
 
 
-def register_masked(lora_config) -> None:
-    """Make every nn.Linear (and GPT-2 Conv1D) that ``lora_config`` targets a MaskedLoraLinear."""
+def _adaptable_classes() -> tuple[type, ...]:
+    """The linear classes peft can adapt: nn.Linear and transformers' Conv1D (not a model's own copy)."""
     from transformers.pytorch_utils import Conv1D
 
+    return (nn.Linear, Conv1D)
+
+
+def register_masked(lora_config) -> None:
+    """Make every nn.Linear (and GPT-2 Conv1D) that ``lora_config`` targets a MaskedLoraLinear."""
     # peft's hook for custom LoRA layers: every targeted linear becomes a MaskedLoraLinear.
-    lora_config._register_custom_module({nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
+    lora_config._register_custom_module(dict.fromkeys(_adaptable_classes(), MaskedLoraLinear))
 
 
 def _check_targets(model: nn.Module, targets: list[str]) -> None:
     """Each target must name at least one linear (as peft matches: the name or its last parts)."""
-    linears = {n for n, m in model.named_modules() if is_linear(m)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, _adaptable_classes())}
     names = [n for n, _ in model.named_modules()]
     for t in targets:
         hits = [n for n in names if n == t or n.endswith("." + t)]
