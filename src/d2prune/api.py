@@ -14,7 +14,7 @@ import torch.nn as nn
 from d2prune.allocation.owl import outlier_ratios, owl_sparsities
 from d2prune.config import PruneConfig
 from d2prune.engine.activations import Activations
-from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.architecture import find_decoder_stack, find_linears, in_features
 from d2prune.engine.capture import calibration_batches
 from d2prune.engine.executor import current_executor
 from d2prune.engine.precision import resolve_compute_dtype
@@ -52,7 +52,7 @@ def prune(
     names = list(find_linears(stack.layers[0]))
     method.validate(names, stack.layer_class)
     for name, lin in find_linears(stack.layers[0]).items():
-        config.pattern.check_width(lin.in_features, f"{stack.layer_class}.{name}")
+        config.pattern.check_width(in_features(lin), f"{stack.layer_class}.{name}")
 
     was_training = model.training
     model.eval()

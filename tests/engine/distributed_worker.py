@@ -58,7 +58,20 @@ CASES: dict[str, dict] = {
     "dsnot": dict(method=lambda: d2prune.DSnoTConfig(base="wanda", skip=["self_attn.q_proj"]), sparsity=0.6),
     "wanda-refit": dict(method="wanda", sparsity=0.5, refit="cg"),
     "d2prune-refit": dict(method=lambda: d2prune.D2PruneConfig(target_layers=["self_attn.k_proj"]), refit="cg"),
+    # GPT-2's Conv1D linears (weight stored (in, out)): the pruned weights are broadcast as stored.
+    "gpt2-sparsegpt-2:4": dict(model="gpt2", method="sparsegpt", pattern="2:4"),
+    "gpt2-ria-2:4-permute": dict(model="gpt2", method=lambda: d2prune.RIAConfig(permute=True), pattern="2:4"),
 }
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=2
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
 
 
 def prune_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,7 +79,7 @@ def prune_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     options = dict(CASES[name])
     if callable(options["method"]):
         options["method"] = options["method"]()
-    model = build_tiny_model("llama-gqa", seed=0)
+    model = _tiny_gpt2() if options.pop("model", None) == "gpt2" else build_tiny_model("llama-gqa", seed=0)
     report = d2prune.prune(model, make_calibration_ids(WINDOWS, TOKENS), d2prune.PruneConfig(progress=False, **options))
     stack = find_decoder_stack(model)
     weights = {

@@ -35,7 +35,7 @@ TINY = SHARED / "models" / "aidreams260K"
 DATA = SHARED / "data"
 RTOL = 1e-5
 # Methods without a weight update: identical masks mean identical weights.
-EXACT = {"wanda", "magnitude", "owl-wanda", "pruner-zero", "dsnot", "ria", "ria-2:4-permute"}
+EXACT = {"wanda", "magnitude", "owl-wanda", "pruner-zero", "dsnot", "ria", "ria-2:4-permute", "gpt2-ria-2:4-permute"}
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from d2prune.engine.activations import Activations
-from d2prune.engine.architecture import find_decoder_stack, find_linears
+from d2prune.engine.architecture import find_decoder_stack, find_linears, in_features, weight_matrix
 from d2prune.engine.capture import capture_inputs_and_arguments
 from d2prune.engine.executor import current_executor
 from d2prune.engine.layer import run_layer
@@ -57,7 +57,7 @@ def outlier_ratios(
     )
     for index, layer in turns:
         linears = find_linears(layer)
-        stats = {name: InputNormStats(lin.in_features, device) for name, lin in linears.items()}
+        stats = {name: InputNormStats(in_features(lin), device) for name, lin in linears.items()}
         handles = [
             lin.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
             for name, lin in linears.items()
@@ -70,7 +70,7 @@ def outlier_ratios(
                 h.remove()
         executor.reduce_statistics(stats.values(), "OWL input norms")  # [distributed]
         scores = torch.cat(
-            [(lin.weight.float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
+            [(weight_matrix(lin).float().abs() * stats[name].sq_norm.sqrt()).flatten() for name, lin in linears.items()]
         )
         ratios.append(float((scores > m * scores.mean()).float().mean()) * 100)
     acts.close()

@@ -1,9 +1,17 @@
-"""Find the decoder-layer stack and the linears of any transformers causal LM by its module tree."""
+"""Find the decoder-layer stack and the linears of any transformers causal LM by its module tree.
+
+A *linear* here is any module computing x ↦ x Wᵀ + b with a 2-D weight: ``nn.Linear`` (weight stored
+(out, in)) and GPT-2-style ``Conv1D`` (weight stored transposed, (in, out), computing x W + b). Code
+that reads or writes a linear's weight goes through ``weight_matrix``, which always gives the
+(out, in) matrix — a view for Conv1D, so ``copy_`` into it writes the stored weight — and N:M groups,
+rows and input channels then mean the same for both.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from d2prune.errors import UserError
@@ -43,9 +51,53 @@ def find_decoder_stack(model: nn.Module) -> DecoderStack:
     return DecoderStack(best[1], best[2])
 
 
-def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """All ``nn.Linear`` sub-modules of ``block`` by module-relative name, in module order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """All linear sub-modules of ``block`` (``nn.Linear`` and ``Conv1D``) by module-relative name, in
+    module order."""
+    return {name: m for name, m in block.named_modules() if is_linear(m)}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2-style ``Conv1D`` (transformers', or a remote-code copy of it): weight (nx, nf) = (in, out).
+
+    Matched by class name and the weight's shape, not by importing transformers' class, so copies
+    of it in models' own code are found too; torch's ``nn.Conv1d`` (a real convolution) is not.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear that can be pruned: ``nn.Linear`` or ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` shaped like ``module.weight`` as stored, seen as (out, in): a transposed view for Conv1D."""
+    return tensor.t() if is_conv1d(module) else tensor
+
+
+def as_stored(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``as_out_in``: an (out, in) tensor in the layout ``module.weight`` is stored in."""
+    return tensor.t() if is_conv1d(module) else tensor
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear, sharing storage with ``module.weight.data`` (writes through)."""
+    return as_out_in(module, module.weight.data)
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_matrix(module).shape[1]
+
+
+def out_features(module: nn.Module) -> int:
+    return weight_matrix(module).shape[0]
 
 
 # Names of the fused or separate q/k/v projections that identify the module owning attention.

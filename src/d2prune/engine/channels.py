@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from d2prune.engine.architecture import is_attention_class, owns_qkv
+from d2prune.engine.architecture import in_features, is_attention_class, out_features, owns_qkv, weight_matrix
 
 
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def find_producers(layer: nn.Module, linears: dict[str, nn.Linear], call_order: list[str]) -> dict[str, list[str]]:
+def find_producers(layer: nn.Module, linears: dict[str, nn.Module], call_order: list[str]) -> dict[str, list[str]]:
     """``{consumer: [producers]}`` for the linears of ``layer`` (module-relative names) whose input
     channels can be permuted exactly; ``call_order``: the linears in the order the forward ran them."""
     modules = dict(layer.named_modules())
@@ -53,7 +53,7 @@ def find_producers(layer: nn.Module, linears: dict[str, nn.Linear], call_order: 
             for other, o in linears.items()
             if other != name
             and _parent(other) == parent
-            and o.out_features == lin.in_features
+            and out_features(o) == in_features(lin)
             and other in rank
             and rank[other] < rank[name]
         ]
@@ -63,13 +63,15 @@ def find_producers(layer: nn.Module, linears: dict[str, nn.Linear], call_order: 
 
 
 @torch.no_grad()
-def permute_channels(consumer: nn.Linear, producers: list[nn.Linear], perm: torch.Tensor) -> None:
+def permute_channels(consumer: nn.Module, producers: list[nn.Module], perm: torch.Tensor) -> None:
     """In place: consumer input column k ← old column ``perm[k]``; producer output row (and bias) k ← old ``perm[k]``."""
     # Copied into the existing tensors: stores and hooks that hold them keep seeing the live weights.
-    w = consumer.weight.data
+    # (out, in) views (Conv1D's transposed): indexing makes a copy, so copy_ back is safe.
+    w = weight_matrix(consumer)
     w.copy_(w[:, perm.to(w.device)])
     for lin in producers:
-        idx = perm.to(lin.weight.device)
-        lin.weight.data.copy_(lin.weight.data[idx])
+        pw = weight_matrix(lin)
+        idx = perm.to(pw.device)
+        pw.copy_(pw[idx])
         if lin.bias is not None:
             lin.bias.data.copy_(lin.bias.data[idx])

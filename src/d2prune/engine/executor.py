@@ -71,7 +71,7 @@ def reduce_statistics(
 
 def share_pruned(
     world: distributed.World,
-    linears: dict[str, torch.nn.Linear],
+    linears: dict[str, torch.nn.Module],
     owners: dict[str, int],
     done: dict[str, tuple[float | None, float | None, float]],
 ) -> dict[str, tuple[float | None, float | None, float]]:
@@ -128,7 +128,7 @@ class Executor:
         """The process that prunes each linear, from its relative cost."""
         return {name: 0 for name in work}
 
-    def share_pruned(self, linears: dict[str, nn.Linear], owners: dict[str, int], done: Done) -> Done:
+    def share_pruned(self, linears: dict[str, nn.Module], owners: dict[str, int], done: Done) -> Done:
         """Give every process each pruned weight; returns ``done`` of every linear (``done``: this process's)."""
         return done
 
@@ -168,7 +168,7 @@ class DataParallel(Executor):
     def owners(self, work: dict[str, int]) -> dict[str, int]:
         return assign(work, self.size)
 
-    def share_pruned(self, linears: dict[str, nn.Linear], owners: dict[str, int], done: Done) -> Done:
+    def share_pruned(self, linears: dict[str, nn.Module], owners: dict[str, int], done: Done) -> Done:
         return share_pruned(self.world, linears, owners, done)
 
     def share_permutations(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

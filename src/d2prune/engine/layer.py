@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from d2prune.config import PruneConfig
 from d2prune.engine.activations import Activations
-from d2prune.engine.architecture import DecoderStack, find_linears
+from d2prune.engine.architecture import DecoderStack, find_linears, weight_matrix
 from d2prune.engine.channels import find_producers, permute_channels
 from d2prune.engine.executor import Executor
 from d2prune.engine.precision import computing_in
@@ -23,7 +23,7 @@ from d2prune.report import LinearReport, PruneReport
 class _LayerStats:
     """Forward hooks feeding each linear's pruner, plus one Gram per distinct linear input."""
 
-    def __init__(self, linears: dict[str, nn.Linear], pruners: dict[str, LinearPruner], gram_names: set[str]):
+    def __init__(self, linears: dict[str, nn.Module], pruners: dict[str, LinearPruner], gram_names: set[str]):
         self.pruners = pruners
         self.gram_names = gram_names
         self.grams: dict[str, Gram] = {}
@@ -120,7 +120,8 @@ def prune_layer(
     """
     linears = find_linears(layer)
     pruners = {
-        name: method.make_pruner(name, lin.weight, f"{stack.path}.{index}.{name}") for name, lin in linears.items()
+        name: method.make_pruner(name, weight_matrix(lin), f"{stack.path}.{index}.{name}")
+        for name, lin in linears.items()
     }
     # Linears to refit read the Gram after their method has pruned them.
     refits = {n for n, p in pruners.items() if config.refit != "none" and p.refit_allowed}
@@ -192,18 +193,19 @@ def prune_layer(
         _apply_permutations(executor, linears, producers, perms)
     for name, lin in linears.items():
         error, error_before_refit, seconds = done[name]
-        zeros = int((lin.weight.data == 0).sum())
+        weight = weight_matrix(lin)  # (out, in): N:M groups run along the inputs
+        zeros = int((weight == 0).sum())
         report.zeros += zeros
-        report.weights += lin.weight.numel()
+        report.weights += weight.numel()
         nm = target.pattern
         report.linears.append(
             LinearReport(
                 name=f"{stack.path}.{index}.{name}",
                 layer=index,
                 target_sparsity=target.sparsity,
-                sparsity=zeros / lin.weight.numel(),
+                sparsity=zeros / weight.numel(),
                 relative_error=error,
-                nm_violations=nm_violations(lin.weight.data, nm.n, nm.m) if nm.is_nm else None,
+                nm_violations=nm_violations(weight, nm.n, nm.m) if nm.is_nm else None,
                 weight_update=updates[name],
                 seconds=seconds,
                 relative_error_before_refit=error_before_refit,
@@ -219,7 +221,7 @@ def prune_layer(
 
 
 def _apply_permutations(
-    executor: Executor, linears: dict[str, nn.Linear], producers: dict[str, list[str]], perms: dict[str, torch.Tensor]
+    executor: Executor, linears: dict[str, nn.Module], producers: dict[str, list[str]], perms: dict[str, torch.Tensor]
 ) -> None:
     """Store the input-channel permutations the pruners chose: each consumer's columns and its
     producers' output rows (and biases) are permuted together, so the layer computes the same function
@@ -234,7 +236,7 @@ def _apply_permutations(
 
 
 def _prune_linear(
-    lin: nn.Linear,
+    lin: nn.Module,
     pruner: LinearPruner,
     target: SparsityTarget,
     gram: Gram | None,
@@ -246,11 +248,13 @@ def _prune_linear(
     refitted) and the seconds taken."""
     t0 = time.perf_counter()
     measure = config.measure_error
-    old = lin.weight.data.float().clone() if measure or refit_gram is not None else None
-    new = pruner.prune(lin.weight.data, target, gram)
+    weight = weight_matrix(lin)  # (out, in); a transposed view for Conv1D, written through below
+    old = weight.float().clone(memory_format=torch.contiguous_format) if measure or refit_gram is not None else None
+    # Methods get a contiguous (out, in) matrix (a copy only for Conv1D), as for nn.Linear.
+    new = pruner.prune(weight.contiguous(), target, gram)
     pruned = None
     if refit_gram is not None:
-        pruned = new.to(lin.weight.dtype).float() if measure else None  # as stored without the refit
+        pruned = new.to(weight.dtype).float() if measure else None  # as stored without the refit
         # Values exactly representable in the weight's dtype, no kept one rounding to 0 there.
         new = refit_on_support(
             old,
@@ -259,14 +263,14 @@ def _prune_linear(
             config.refit_percdamp,
             config.refit_iters,
             config.refit_tol,
-            dtype=lin.weight.dtype,
+            dtype=weight.dtype,
             consume_hessian=True,
         )
-    lin.weight.data.copy_(new.to(lin.weight.dtype))
+    weight.copy_(new.to(weight.dtype))
     del new
     if not measure:
         return None, None, time.perf_counter() - t0
-    news = [lin.weight.data.float()] if pruned is None else [lin.weight.data.float(), pruned]
+    news = [weight.float()] if pruned is None else [weight.float(), pruned]
     errors = _relative_errors(old, news, gram if gram is not None else refit_gram)
     return errors[0], (errors[1] if pruned is not None else None), time.perf_counter() - t0
 

@@ -1,7 +1,9 @@
 """The masked LoRA layer: a peft LoRA ``Linear`` whose update never touches a pruned weight.
 
 Every adapted linear computes, in training and in evaluation, with W + M ⊙ (s·B A), M = (W ≠ 0), and
-merging writes exactly that weight, so the zeros stay zeros (see :mod:`d2prune.finetune`).
+merging writes exactly that weight, so the zeros stay zeros (see :mod:`d2prune.finetune`). W is the
+(out, in) matrix (``engine.architecture.weight_matrix``): GPT-2's Conv1D stores it transposed, and
+is merged back in its own layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
+from d2prune.engine.architecture import as_stored, is_conv1d, weight_matrix
 from d2prune.errors import UserError
 from d2prune.finetune.config import FinetuneConfig
 
@@ -34,7 +37,10 @@ class MaskedLoraLinear(LoraLinear):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, *args, **kwargs)
-        keep = self.get_base_layer().weight.detach() != 0
+        # peft's own Conv1D path (which a custom module bypasses) sets this from the layer; peft's
+        # helpers read it. Our weights are always handled as (out, in) below.
+        self.fan_in_fan_out = is_conv1d(self.get_base_layer())
+        keep = weight_matrix(self.get_base_layer()) != 0
         self.register_buffer("sparsity_mask", None if bool(keep.all()) else keep, persistent=False)
 
     def masked_delta(self, adapter: str) -> torch.Tensor:
@@ -46,8 +52,8 @@ class MaskedLoraLinear(LoraLinear):
         return delta
 
     def merged_weight(self, adapter: str) -> torch.Tensor:
-        """W + M ⊙ (s·BA), summed in float32 and cast to W's dtype; kept weights never become 0."""
-        weight = self.get_base_layer().weight
+        """W + M ⊙ (s·BA) as (out, in), summed in float32 and cast to W's dtype; kept weights never become 0."""
+        weight = weight_matrix(self.get_base_layer())
         merged = (weight.float() + self.masked_delta(adapter).float()).to(weight.dtype)
         if self.sparsity_mask is not None:
             # A kept weight that lands exactly on 0 would change the mask (and the sparsity):
@@ -57,8 +63,9 @@ class MaskedLoraLinear(LoraLinear):
                 merged = torch.where(hit, torch.full_like(merged, _smallest_subnormal(weight.dtype)), merged)
         return merged
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:  # used by peft's unmerge
-        return self.masked_delta(adapter).to(self.get_base_layer().weight.dtype)
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:  # used by peft's unmerge: the stored layout
+        base = self.get_base_layer()
+        return as_stored(base, self.masked_delta(adapter)).to(base.weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):
@@ -67,7 +74,8 @@ class MaskedLoraLinear(LoraLinear):
             merged = self.merged_weight(adapter)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"non-finite weights after merging adapter {adapter!r}: the adapter diverged")
-            self.get_base_layer().weight.data = merged
+            base = self.get_base_layer()
+            base.weight.data = as_stored(base, merged).contiguous()
             self.merged_adapters.append(adapter)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -105,15 +113,22 @@ def _lora_config(config: FinetuneConfig):
     return lora
 
 
+def _adaptable_classes() -> tuple[type, ...]:
+    """The linear classes peft can adapt: nn.Linear and transformers' Conv1D (not a model's own copy)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
 def register_masked(lora_config) -> None:
-    """Make every nn.Linear that ``lora_config`` targets a MaskedLoraLinear."""
-    # peft's hook for custom LoRA layers: every targeted nn.Linear becomes a MaskedLoraLinear.
-    lora_config._register_custom_module({nn.Linear: MaskedLoraLinear})
+    """Make every nn.Linear (and GPT-2 Conv1D) that ``lora_config`` targets a MaskedLoraLinear."""
+    # peft's hook for custom LoRA layers: every targeted linear becomes a MaskedLoraLinear.
+    lora_config._register_custom_module(dict.fromkeys(_adaptable_classes(), MaskedLoraLinear))
 
 
 def _check_targets(model: nn.Module, targets: list[str]) -> None:
-    """Each target must name at least one nn.Linear (as peft matches: the name or its last parts)."""
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Each target must name at least one linear (as peft matches: the name or its last parts)."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, _adaptable_classes())}
     names = [n for n, _ in model.named_modules()]
     for t in targets:
         hits = [n for n in names if n == t or n.endswith("." + t)]
@@ -160,7 +175,7 @@ def merge_masked_lora(peft_model) -> nn.Module:
     masks = {n: m.sparsity_mask.clone() for n, m in masked_modules(peft_model).items() if m.sparsity_mask is not None}
     model = peft_model.merge_and_unload()
     for name, keep in masks.items():
-        weight = model.get_submodule(name).weight
+        weight = weight_matrix(model.get_submodule(name))
         if not torch.equal(weight != 0, keep.to(weight.device)):
             raise RuntimeError(f"merging changed the zero pattern of {name}")
     return model

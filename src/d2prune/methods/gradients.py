@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from d2prune.engine import distributed
-from d2prune.engine.architecture import DecoderStack, find_decoder_stack, find_linears
+from d2prune.engine.architecture import DecoderStack, as_out_in, find_decoder_stack, find_linears
 from d2prune.engine.capture import calibration_batches, capture_layer_inputs, outside_stack_on, tensors_on, to_device
 from d2prune.engine.precision import computing_in
 from d2prune.engine.standin import standing_in
@@ -66,7 +66,7 @@ def gradient_norms(
     fit_fraction: float = 0.8,
     windows_per_sweep: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """G = sqrt(Σ_k (scale·∂L_k/∂W)²) for every decoder linear, by full module path (float32, CPU).
+    """G = sqrt(Σ_k (scale·∂L_k/∂W)²) for every decoder linear, by full module path (float32, CPU, (out, in)).
 
     ``batches``: token ids (windows, tokens) or a list of dicts with ``input_ids`` (and optionally
     ``attention_mask``). ``layerwise``: None chooses by itself (see ``plan_gradient_pass``).
@@ -105,7 +105,8 @@ def gradient_norms(
         for m, mode in modes:
             m.training = mode
     world.all_reduce_sum(list(sums.values()), "summing the squared gradients")  # [distributed]
-    return {path: total.sqrt_().cpu() for path, total in sums.items()}
+    # G in each weight's (out, in) orientation, the one pruners see (Conv1D stores its weight transposed).
+    return {path: as_out_in(linears[path], total.sqrt_()).cpu().contiguous() for path, total in sums.items()}
 
 
 def plan_gradient_pass(
