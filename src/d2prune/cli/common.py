@@ -101,10 +101,10 @@ def load(args: argparse.Namespace, streamed: bool, timings: dict[str, float]) ->
     with distributed.current().sync("loading the model"):  # [distributed] a rank that cannot load stops them all
         check_device(args.device)
         if streamed:
-            from transformers import AutoTokenizer
+            from d2prune.io.folders import load_tokenizer
 
             # The weights stay on disk; the model stands for its folder from here on.
-            model, tokenizer = Path(args.model).expanduser(), AutoTokenizer.from_pretrained(args.model)
+            model, tokenizer = Path(args.model).expanduser(), load_tokenizer(args.model)
         else:
             model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     timings["load"] = time.perf_counter() - t0
