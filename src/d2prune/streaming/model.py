@@ -55,7 +55,8 @@ class StreamedModel:
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         except load_errors() as exc:  # an architecture transformers does not know, a damaged config
-            raise UserError(f"could not build the model of {self.folder}: {exc}") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not build the model of {self.folder}: {reason}") from None
         model.tie_weights()
         model.eval()
         model.config.use_cache = False
