@@ -27,7 +27,13 @@ def _finite(t: torch.Tensor) -> bool:
 def check_weight(name: str, tensor: torch.Tensor) -> None:
     """``tensor`` (a stored weight named ``name``) is finite; else a UserError naming it."""
     if not _finite(tensor):
-        raise UserError(f"{name} holds NaN/inf values: {DAMAGED}")
+        # A finite float32 weight beyond ±65504 becomes inf when the model is loaded in float16.
+        fp16 = (
+            " (or it exceeds the float16 range: use --dtype bfloat16 or float32)"
+            if tensor.dtype == torch.float16
+            else ""
+        )
+        raise UserError(f"{name} holds NaN/inf values: {DAMAGED}{fp16}")
 
 
 def check_layer_weights(layer: nn.Module, prefix: str) -> None:

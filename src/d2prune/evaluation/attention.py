@@ -170,6 +170,8 @@ def run_attention(
 
     started = time.time()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # found before the models are loaded, not after
+        raise UserError(f"output path {out_dir} exists and is not a folder")
     dense_model, dense_tok = load_model(dense, dtype=dtype, device=device)
     pruned_model, pruned_tok = load_model(pruned, dtype=dtype, device=device)
     v_dense, v_pruned = _vocab_size(dense_tok), _vocab_size(pruned_tok)
