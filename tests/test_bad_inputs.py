@@ -336,6 +336,7 @@ CASES = [
         "eval-disk-truncated-safetensors", ("eval", "{model}", *EVAL, "--offload", "disk"), WEIGHTS, _truncate(WEIGHTS)
     ),
     Case("eval-disk-nan-weight", ("eval", "{model}", *EVAL, "--offload", "disk"), "down_proj.weight", NAN_DOWN),
+    Case("eval-nan-weight", ("eval", "{model}", *EVAL), "model.layers.0.mlp.down_proj.weight holds NaN/inf", NAN_DOWN),
     Case("eval-truncated-gguf", ("eval", "{tmp}/tiny.gguf", *EVAL), "tiny.gguf", prepare=_gguf(0.5)),
     Case("eval-missing-eval-file", ("eval", "{model}", *EVAL[:-2], "--eval", "{tmp}/none.txt"), "none.txt"),
     # finetune
@@ -350,6 +351,12 @@ CASES = [
         ("finetune", "{model}", "--output-dir", "{out}", *FINETUNE),
         "config.json",
         _write("config.json", ""),
+    ),
+    Case(
+        "finetune-nan-weight",
+        ("finetune", "{model}", "--output-dir", "{out}", *FINETUNE),
+        "model.layers.0.mlp.down_proj.weight",
+        NAN_DOWN,
     ),
     Case("finetune-no-output-dir", ("finetune", "{model}", *FINETUNE), "--output-dir"),
     Case(
@@ -392,6 +399,12 @@ CASES = [
         ("attention", "{tmp}/tiny.gguf", "{model}", "--output-dir", "{out}", *ATTENTION),
         "tiny.gguf",
         prepare=_gguf(None),
+    ),
+    Case(
+        "attention-nan-weight",
+        ("attention", "{model}", "{model}", "--output-dir", "{out}", *ATTENTION),
+        "model.layers.0.mlp.down_proj.weight",
+        NAN_DOWN,
     ),
     Case(
         "attention-output-is-a-file",

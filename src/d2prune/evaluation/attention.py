@@ -163,6 +163,7 @@ def run_attention(
     (same vocabulary size), since the same token ids are fed to both.
     """
     from d2prune.data import get_calibration, source_info
+    from d2prune.engine.finite import check_model_weights
     from d2prune.finetune import adapters as _adapters  # noqa: F401 - load_model then opens adapter folders
     from d2prune.io.atomic import write_json_atomic
     from d2prune.io.models import load_model, load_sparsity_record, model_seqlen
@@ -174,6 +175,8 @@ def run_attention(
         raise UserError(f"output path {out_dir} exists and is not a folder")
     dense_model, dense_tok = load_model(dense, dtype=dtype, device=device)
     pruned_model, pruned_tok = load_model(pruned, dtype=dtype, device=device)
+    for model in (dense_model, pruned_model):
+        check_model_weights(model)
     v_dense, v_pruned = _vocab_size(dense_tok), _vocab_size(pruned_tok)
     if v_dense != v_pruned:
         raise UserError(
