@@ -281,7 +281,7 @@ CASES = [
     Case(
         "prune-inf-embedding",
         PRUNE,
-        "inputs of decoder layer 0",
+        "model.embed_tokens.weight holds NaN/inf",
         _edit_tensors(_set("model.embed_tokens.weight", slice(None), float("inf"))),
     ),
     Case(  # float16 weights that fit, activations that do not (max 65504)
