@@ -14,6 +14,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +274,12 @@ CASES = [
     # The same through the streamed path, which reads the shards itself.
     Case("prune-disk-corrupt-safetensors", (*PRUNE, *DISK), WEIGHTS, _corrupt_header),
     Case("prune-disk-truncated-safetensors", (*PRUNE, *DISK), WEIGHTS, _truncate(WEIGHTS)),
+    Case(
+        "prune-disk-broken-index",
+        (*PRUNE, *DISK),
+        "model.safetensors.index.json",
+        _write("model.safetensors.index.json", '{"weight_map": 3}'),
+    ),
     Case("prune-disk-broken-config", (*PRUNE, *DISK), "config.json", _write("config.json", "[1, 2")),
     Case("prune-disk-unknown-architecture", (*PRUNE, *DISK), "frobnicator", _unknown_architecture),
     Case("prune-disk-no-tokenizer", (*PRUNE, *DISK), "tokenizer", _no_tokenizer),
@@ -458,3 +466,22 @@ def test_bad_input_gives_one_line_and_exit_2(case: Case, tiny_folder, tmp_path, 
     assert _looks_complete(tmp_path / "out") == []
     if "{tmp}/taken" in case.argv:
         assert (tmp_path / "taken").read_bytes() == b"x"
+
+
+def test_damaged_model_from_the_command_line(tiny_folder, tmp_path):
+    """The reported case end to end, through the real entry point: a corrupt model.safetensors."""
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_folder, model)
+    _corrupt_header(model)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "d2prune", "prune", str(model), *QUICK, "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"D2PRUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root / "src")},
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("d2prune: error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{model / WEIGHTS} is not a valid safetensors file" in proc.stderr
+    assert not (tmp_path / "out").exists()
