@@ -101,12 +101,15 @@ def load(args: argparse.Namespace, streamed: bool, timings: dict[str, float]) ->
     with distributed.current().sync("loading the model"):  # [distributed] a rank that cannot load stops them all
         check_device(args.device)
         if streamed:
-            from transformers import AutoTokenizer
+            from d2prune.io.folders import load_tokenizer
 
             # The weights stay on disk; the model stands for its folder from here on.
-            model, tokenizer = Path(args.model).expanduser(), AutoTokenizer.from_pretrained(args.model)
+            model, tokenizer = Path(args.model).expanduser(), load_tokenizer(args.model)
         else:
+            from d2prune.engine.finite import check_model_weights
+
             model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+            check_model_weights(model)  # streamed layers are checked as they are read
     timings["load"] = time.perf_counter() - t0
     return model, tokenizer
 

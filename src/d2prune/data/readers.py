@@ -34,8 +34,13 @@ def parse_json_lines(lines, path: Path) -> list:
 
 def _read_json_texts(path: Path, column: str = "text") -> list[str]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        content = f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut .gz file ends early
+        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
     stripped = content.lstrip()
     if stripped.startswith("["):  # a plain JSON array, not json lines
         try:
@@ -98,6 +103,8 @@ def _read_plain(path: Path) -> str:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # unreadable, or a folder where a file was expected
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _split_lines(text: str) -> list[str]:

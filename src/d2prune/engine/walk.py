@@ -24,6 +24,7 @@ from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack
 from d2prune.engine.capture import capture_inputs_and_arguments
 from d2prune.engine.executor import Executor
+from d2prune.engine.finite import DAMAGED, check_activations, check_layer_weights, half_precision_hint
 from d2prune.engine.layer import prune_layer, run_layer
 from d2prune.engine.precision import as_dtype
 from d2prune.methods.base import MethodConfig
@@ -162,6 +163,10 @@ def prune_layers(
             t0 = time.perf_counter()
             with executor.sync("capturing the layer-0 inputs"), store.outside_stack(device):
                 _, layer_extras = capture_inputs_and_arguments(model, stack, batches, device, acts, kept, dtype)
+            if not kept:
+                check_activations(
+                    acts.inps, "the inputs of decoder layer 0", f"(the weights before the decoder stack: {DAMAGED})"
+                )
             timings["capture"] += time.perf_counter() - t0
             report.activations = acts.describe()
             t0 = time.perf_counter()
@@ -184,6 +189,8 @@ def prune_layers(
                 layer = layers[index]
                 with executor.sync(f"loading layer {index}"):
                     store.fetch(index, layer, device)
+                    # Streamed layers are checked as they come from the checkpoint, in-memory ones here.
+                    check_layer_weights(layer, f"{stack.path}.{index}")
                 prune_layer(
                     layer,
                     index,
@@ -199,6 +206,13 @@ def prune_layers(
                     executor,
                     dtype,
                 )
+                with executor.sync(f"checking the outputs of layer {index}"):
+                    weights = next(layer.parameters()).dtype
+                    check_activations(
+                        acts.outs,
+                        f"the outputs of decoder layer {index}",
+                        f"after pruning: {half_precision_hint(dtype, weights)}",
+                    )
                 with executor.sync(f"saving layer {index}"):
                     store.release(index, layer, save=True)
                     acts.swap()

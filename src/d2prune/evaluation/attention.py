@@ -165,6 +165,7 @@ def run_attention(
     or "auto", resolved for the dense model and its tokenizer): BOS as each window's first token.
     """
     from d2prune.data import get_calibration, resolve_window_bos, source_info
+    from d2prune.engine.finite import check_model_weights
     from d2prune.finetune import adapters as _adapters  # noqa: F401 - load_model then opens adapter folders
     from d2prune.io.atomic import write_json_atomic
     from d2prune.io.models import load_model, load_sparsity_record, model_seqlen
@@ -172,8 +173,12 @@ def run_attention(
 
     started = time.time()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # found before the models are loaded, not after
+        raise UserError(f"output path {out_dir} exists and is not a folder")
     dense_model, dense_tok = load_model(dense, dtype=dtype, device=device)
     pruned_model, pruned_tok = load_model(pruned, dtype=dtype, device=device)
+    for model in (dense_model, pruned_model):
+        check_model_weights(model)
     v_dense, v_pruned = _vocab_size(dense_tok), _vocab_size(pruned_tok)
     if v_dense != v_pruned:
         raise UserError(

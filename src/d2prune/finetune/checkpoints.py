@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], op
 
 def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, key: dict) -> dict:
     """Restore ``params`` and ``optimizer`` from ``path``; returns its state (step, loss curve, tokens seen)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -64,11 +66,22 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, key:
         theirs = (state.get("key") or {}) if isinstance(state, dict) else {}
         diff = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
         raise UserError(f"cannot resume from {path}: it was made by a different run (differs in {', '.join(diff)})")
-    tensors = load_file(str(path / "adapter.safetensors"))
-    if set(tensors) != set(params):
+    # A checkpoint whose files were damaged after state.json marked it complete (a disk that filled
+    # up, a copy cut short) is named, not a traceback from the readers.
+    try:
+        tensors = load_file(str(path / "adapter.safetensors"))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"cannot resume from {path}: its adapter.safetensors is damaged ({exc})") from None
+    if set(tensors) != set(params) or any(tensors[n].shape != p.shape for n, p in params.items()):
         raise UserError(f"cannot resume from {path}: its adapter tensors do not match this model's")
+    try:
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optimizer_state)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise UserError(f"cannot resume from {path}: its optimizer.pt is damaged ({exc})") from None
+    if not all(k in state for k in ("step", "loss_curve", "tokens_seen")):
+        raise UserError(f"cannot resume from {path}: its state.json lacks the step, loss curve or tokens seen")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return state

@@ -18,6 +18,7 @@ system), so a leftover names the process that made it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from d2prune.errors import UserError
+
+# Write failures that are the machine's state, not a bug: a full disk or quota, a read-only or
+# forbidden target. They become a one-line UserError (after the temp file or folder is removed).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _as_user_error(exc: BaseException, target: Path) -> BaseException:
+    """``exc`` as the UserError to raise instead when it is a write failure of ``_WRITE_ERRNOS``."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        reason = exc.strerror or os.strerror(exc.errno)
+        return UserError(f"could not write {target}: {reason}; nothing was saved there")
+    return exc
 
 
 def _temp_sibling(path: Path, kind: str = "tmp") -> Path:
@@ -83,10 +96,13 @@ def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        mapped = _as_user_error(exc, path)
+        if mapped is exc:
+            raise
+        raise mapped from None
     fsync_dir(path.parent)
 
 
@@ -113,10 +129,16 @@ def write_json_atomic(
 def write_synced(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) in place and fsync it: for a file inside a temp folder that a later
     rename publishes, which must not outrun the data."""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        mapped = _as_user_error(exc, Path(path))
+        if mapped is exc:
+            raise
+        raise mapped from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +243,9 @@ def atomic_folder(out_dir: str | os.PathLike, *, replace: bool = True) -> Iterat
         tmp.mkdir()
         yield tmp
         publish_folder(tmp, out_dir, replace)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        mapped = _as_user_error(exc, out_dir)
+        if mapped is exc:
+            raise
+        raise mapped from None

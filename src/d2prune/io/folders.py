@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,62 @@ def torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
-def load_hf_folder(path: str | Path, dtype: str):
-    """``(model, tokenizer)`` from a local HF folder or a Hub id, the model in ``dtype``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# What transformers and safetensors raise on files they cannot use (a damaged shard reads as an
+# OverflowError or a SafetensorError, an unknown architecture as a ValueError or KeyError).
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    OverflowError,
+    EOFError,
+    struct.error,
+)
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "these model files cannot be loaded" rather than a d2prune bug."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return _LOAD_ERRORS
+    return (*_LOAD_ERRORS, SafetensorError)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:300]
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local HF folder or Hub id; one that cannot be loaded is a UserError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except UserError:
+        raise
+    except load_errors() as exc:
+        raise UserError(
+            f"could not load the tokenizer of {path}: {_reason(exc)} (the folder needs the tokenizer files, "
+            "e.g. tokenizer.json and tokenizer_config.json, of the model it was made from)"
+        ) from None
+
+
+def load_hf_folder(path: str | Path, dtype: str):
+    """``(model, tokenizer)`` from a local HF folder or a Hub id, the model in ``dtype``; files that
+    cannot be loaded (damaged, an architecture transformers does not know) are a UserError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    except UserError:
+        raise
+    except load_errors() as exc:
+        raise UserError(f"could not load the model in {path}: {_reason(exc)}") from None
+    return model, load_tokenizer(path)
 
 
 def _json_default(obj: Any):

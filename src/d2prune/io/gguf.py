@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from d2prune.errors import UserError
-from d2prune.io.folders import load_hf_folder, make_savable, save_model_folder
+from d2prune.io.folders import load_errors, load_hf_folder, make_savable, save_model_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -74,13 +74,21 @@ def load_gguf(gguf_path: Path):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, **kwargs)
     except ImportError as exc:
         raise UserError(f"loading {gguf_path} needs gguf and accelerate: pip install gguf accelerate ({exc})") from None
-    except (ValueError, KeyError, OSError) as exc:
-        raise UserError(f"could not load GGUF model {gguf_path}: {exc}") from None
+    except load_errors() as exc:  # struct.error, ValueError, ...: a truncated or damaged file
+        raise UserError(
+            f"could not load GGUF model {gguf_path}: {_first_line(exc)} (the file is truncated, damaged "
+            "or of an architecture transformers cannot read)"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    except (ValueError, KeyError, OSError) as exc:
+    except load_errors() as exc:
         raise UserError(f"could not load the tokenizer embedded in {gguf_path}: {exc}") from None
     return make_savable(model), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _marker(gguf_path: Path) -> dict:

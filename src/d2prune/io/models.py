@@ -32,6 +32,7 @@ from d2prune.io.gguf import (
     load_gguf_cached,
     smollm2_gguf,
 )
+from d2prune.io.integrity import check_model_folder
 
 SPARSITY_FILE = "sparsity.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -108,10 +109,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
             hint = f" (it holds {', '.join(ggufs)}: pass that file's path)" if ggufs else ""
             raise UserError(f"{path} is not a model folder: no config.json{hint}")
         else:
-            try:
-                model, tokenizer = load_hf_folder(path, dtype)
-            except (OSError, ValueError, KeyError) as exc:
-                raise UserError(f"could not load model from {path}: {exc}") from None
+            check_model_folder(path)  # a damaged file named, before transformers trips over it
+            model, tokenizer = load_hf_folder(path, dtype)
     elif path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
     elif _HUB_ID.match(name) and not name.startswith((".", "~")):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +10,7 @@ import torch
 from d2prune.engine.activations import available_memory
 from d2prune.errors import UserError
 from d2prune.io.folders import torch_dtype
-
-INDEX_FILE = "model.safetensors.index.json"
-
+from d2prune.io.integrity import INDEX_FILE, check_model_folder, read_json_file, safetensors_header
 
 # safetensors header dtype names → torch dtypes (the ones checkpoints hold).
 _ST_DTYPES = {
@@ -36,15 +32,8 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (names, dtypes, shapes), without touching the data."""
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-    except (OSError, struct.error, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
-    header.pop("__metadata__", None)
-    return header
+    """The JSON header of a safetensors file (names, dtypes, shapes), checked, without touching the data."""
+    return safetensors_header(path)
 
 
 class Checkpoint:
@@ -65,10 +54,11 @@ class Checkpoint:
     def _find_weight_map(self) -> dict[str, str]:
         index = self.folder / INDEX_FILE
         if index.is_file():
+            data = read_json_file(index, "safetensors index")
             try:
-                return dict(json.loads(index.read_text())["weight_map"])
+                return dict(data["weight_map"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{index} is not a valid safetensors index: {exc}") from None
+                raise UserError(f"{index} is not a valid safetensors index: {exc!r}") from None
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise UserError(
@@ -95,21 +85,24 @@ class Checkpoint:
         Each file is opened once per call and closed before returning: ``safe_open`` maps the file,
         and the copies keep no page of it resident.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt") as fh:
-                for name in file_names:
-                    t = fh.get_tensor(name)
-                    target = dtype if t.is_floating_point() else t.dtype
-                    # copy=True: the tensor must own its memory (it gets pruned in place, and the
-                    # mapping must not stay resident).
-                    out[name] = t.to(device=device, dtype=target, copy=True)
-                    del t
+            try:
+                with safe_open(str(self.folder / file), framework="pt") as fh:
+                    for name in file_names:
+                        t = fh.get_tensor(name)
+                        target = dtype if t.is_floating_point() else t.dtype
+                        # copy=True: the tensor must own its memory (it gets pruned in place, and the
+                        # mapping must not stay resident).
+                        out[name] = t.to(device=device, dtype=target, copy=True)
+                        del t
+            except (OSError, SafetensorError) as exc:  # changed or damaged since its header was read
+                raise UserError(f"cannot read {self.folder / file}: {exc}") from None
         return out
 
     def files_fingerprint(self) -> list[list]:
@@ -153,6 +146,7 @@ def resolve_offload(mode: str, model: str, dtype: str, threshold: float) -> dict
         )
     decision: dict[str, Any] = {"mode": mode, "threshold": threshold}
     if streamable:
+        check_model_folder(model)  # before the sizes are read from it, and before any layer is
         decision["weights_bytes"] = checkpoint_bytes(model, dtype)
         decision["available_bytes"] = available_memory()
     if mode == "auto":

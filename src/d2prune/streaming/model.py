@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack
+from d2prune.engine.finite import check_weight
 from d2prune.engine.walk import LayerStore
 from d2prune.errors import UserError
+from d2prune.io.folders import load_errors
 from d2prune.streaming.checkpoint import Checkpoint, _torch_dtype, is_streamable
 
 
@@ -52,8 +54,9 @@ class StreamedModel:
             # Buffers stay real: rotary frequencies and the like are computed, not stored.
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"could not build the model of {self.folder}: {exc}") from None
+        except load_errors() as exc:  # an architecture transformers does not know, a damaged config
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not build the model of {self.folder}: {reason}") from None
         model.tie_weights()
         model.eval()
         model.config.use_cache = False
@@ -146,7 +149,10 @@ class StreamedModel:
             raise RuntimeError(f"{source.folder} has no tensor {absent[0]}")
         tensors = source.read([keys[n] for n in present], self.dtype, device)
         for name in present:
-            self._set(name, tensors.pop(keys[name]))
+            tensor = tensors.pop(keys[name])
+            # Checked as it is read: the eval and attention walks stream layers too.
+            check_weight(f"{keys[name]} (in {source.folder})", tensor)
+            self._set(name, tensor)
 
     def release(self, names: list[str]) -> None:
         """Free parameters ``names`` (back to the meta device); buffers are small and stay."""

@@ -49,9 +49,14 @@ def read_progress(target: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        progress = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable progress record: {exc}") from None
+    # What the checks and the resume read first; a record without them is damaged, not a bug.
+    needed = ("format", "fingerprint", "next_layer", "num_layers", "weight_map", "report", "activations", "rng")
+    if not isinstance(progress, dict) or not all(k in progress for k in needed):
+        raise UserError(f"{path} is not a readable progress record: it lacks {', '.join(needed)}; delete {path.parent}")
+    return progress
 
 
 def _rng_state() -> dict[str, Any]:
