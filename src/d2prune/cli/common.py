@@ -118,10 +118,12 @@ def window_bos(args: argparse.Namespace, model, tokenizer, record: dict) -> None
     """--window-bos for the loaded model (``args.bos``), with the choice and why in the run record."""
     from d2prune.data import resolve_window_bos
 
-    if isinstance(model, Path):  # streamed: the folder stands for the model, its config has the model_type
-        from transformers import AutoConfig
+    if isinstance(model, Path):  # streamed: the folder stands for the model, its config.json has the model_type
+        import json
 
-        model = AutoConfig.from_pretrained(model)
+        # The raw model_type, not AutoConfig: an architecture transformers does not know is refused later,
+        # when the streamed model is built, with its own one-line error.
+        model = str(json.loads((model / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
     args.bos = resolve_window_bos(args.window_bos, model, tokenizer)
     record["window_bos"] = args.bos.to_dict()
 
