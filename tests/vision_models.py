@@ -65,3 +65,24 @@ def classifier_heads(model) -> dict[str, torch.Tensor]:
         for name, p in model.named_parameters()
         if name.split(".")[0] in ("classifier", "cls_classifier", "distillation_classifier")
     }
+
+
+def tiny_processor():
+    """The image processor of the tiny classifiers: 16×16, ImageNet mean/std (PIL backend)."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class: int = 3, seed: int = 0, size: int = 20):
+    """A labelled image folder in ImageNet layout: ``root/CLASS/i.png``, random RGB PNGs (``size``² pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

@@ -133,7 +133,8 @@ def forward_options(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
 
 def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Normalize the calibration data to a list of model-input dicts with ``input_ids`` (token windows)
-    or ``pixel_values`` (images, optionally with ``labels``)."""
+    or ``pixel_values`` (images, optionally with ``labels``). A tensor, or one dict of images, is split
+    into batches of ``batch_size``."""
     if isinstance(calibration, torch.Tensor):
         if calibration.is_floating_point():
             if calibration.dim() != 4:
@@ -146,6 +147,8 @@ def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, tor
                 f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}"
             )
         calibration = [] if calibration.numel() == 0 else calibration.split(batch_size)
+    elif isinstance(calibration, dict) and "pixel_values" in calibration:
+        calibration = _split_images(calibration, batch_size)
     batches = []
     for item in calibration if isinstance(calibration, Iterable) else [calibration]:
         if isinstance(item, torch.Tensor) and item.is_floating_point():
@@ -177,6 +180,21 @@ def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, tor
     if len(lengths) > 1:
         raise UserError(f"all calibration windows must have the same number of tokens, got lengths {lengths}")
     return batches
+
+
+def _split_images(images: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """One dict of images (``pixel_values`` and the like, one row per image) as batches of ``batch_size``."""
+    pixels = images["pixel_values"]
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+        return [images]  # _check_images says what is wrong
+    n = pixels.shape[0]
+    return [
+        {
+            k: v[i : i + batch_size] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in images.items()
+        }
+        for i in range(0, n, batch_size)
+    ]
 
 
 def _check_ids(ids: Any) -> None:
