@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from d2prune.cli import common
+from d2prune.cli import common, vision
 from d2prune.cli.method_options import (
     add_method_choice,
     add_method_options,
@@ -37,9 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
     pr.add_argument("--prune_m", type=int, default=0, help=argparse.SUPPRESS)
-    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows or images (default 128)")
     pr.add_argument(
-        "--calib", "--cali_dataset", default="c4", help="calibration source: c4, a file or a folder (default c4)"
+        "--calib",
+        "--cali_dataset",
+        default="c4",
+        help="calibration source: c4, a file or a folder (default c4); an image classifier's: an image "
+        "folder (DIR/CLASS/IMAGE)",
     )
     pr.add_argument(
         "--calib-data-path", "--cali_data_path", default=None, help="file or folder for the calibration source"
@@ -268,10 +272,12 @@ def summary_row(args: argparse.Namespace, config, report, ppl: dict, timings: di
         "target": config.pattern.sparsity if config.pattern.is_nm else config.sparsity,
         "achieved": report.overall_sparsity,
     }
-    for name in args.eval:
+    for name in [] if args.vision else args.eval:
         if name.lower() != "none":
             row[f"dense ppl ({name})"] = ppl.get("dense", {}).get(name, {}).get("ppl")
             row[f"pruned ppl ({name})"] = ppl["pruned"][name]["ppl"]
+    if args.vision:
+        row.update(vision.summary_columns(ppl))
     refitted = [lin for lin in report.linears if lin.relative_error_before_refit is not None]
     if refitted:  # mean relative error of the refitted linears, before and after the refit
         row["err before refit"] = sum(lin.relative_error_before_refit for lin in refitted) / len(refitted)
@@ -298,19 +304,26 @@ def run(args: argparse.Namespace) -> int:
     if streamed and args.zero_shot:
         raise UserError("--zero-shot needs the whole model in memory; use --offload none")
     model, tokenizer = common.load(args, streamed, timings)
+    if args.vision:
+        vision.check_options(args, config)
+    else:
+        vision.check_images_only(args)
 
     calib_source = args.calib_data_path or args.calib
     t0 = time.perf_counter()
-    with distributed.current().sync("reading the calibration data"):
-        calibration = get_calibration(
-            tokenizer,
-            calib_source,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            data_dir=args.data_dir_path,
-            cache_dir=args.cache_dir_path,
-        )
+    if args.vision:
+        calibration = vision.calibration(args, model, tokenizer, calib_source)
+    else:
+        with distributed.current().sync("reading the calibration data"):
+            calibration = get_calibration(
+                tokenizer,
+                calib_source,
+                nsamples=args.nsamples,
+                seqlen=args.seqlen,
+                seed=args.seed,
+                data_dir=args.data_dir_path,
+                cache_dir=args.cache_dir_path,
+            )
     timings["calibration_data"] = time.perf_counter() - t0
     if args.eval_dense:
         t0 = time.perf_counter()
@@ -329,9 +342,9 @@ def run(args: argparse.Namespace) -> int:
         config=report.config,
         seed=args.seed,
         nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        sources=common.sources(args, calib_source),
-        perplexity=ppl,
+        seqlen=report.seqlen if args.vision else args.seqlen,
+        sources=vision.sources(args, calib_source) if args.vision else common.sources(args, calib_source),
+        **({"accuracy": ppl, "image_size": report.image_size} if args.vision else {"perplexity": ppl}),
         timings=timings,
         prune_timings=report.timings,
         overall_sparsity=report.overall_sparsity,

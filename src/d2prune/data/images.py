@@ -133,13 +133,24 @@ class ImageBatches(Sequence):
         }
 
 
+# Folders up to this size are fingerprinted by their bytes; bigger ones (ImageNet) by names and sizes.
+FINGERPRINT_BYTES = 256 << 20
+
+
 def folder_info(root: str | Path) -> dict[str, Any]:
-    """Name, path and a SHA-256 over the folder's relative file names and sizes (for the run record:
-    reading every byte of an ImageNet-sized folder would cost more than the run)."""
+    """Name, path and a SHA-256 of the folder for the run record: over its relative file names and
+    bytes, or over names and sizes when it holds more than ``FINGERPRINT_BYTES`` (reading every byte of
+    an ImageNet-sized folder would cost more than the run); ``sha256_of`` says which."""
     import hashlib
 
     root = Path(root).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    sizes = [p.stat().st_size for p in files]
+    by_bytes = sum(sizes) <= FINGERPRINT_BYTES
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\0".encode())
-    return {"source": str(root), "path": str(root.resolve()), "sha256": digest.hexdigest(), "sha256_of": "names+sizes"}
+    for path, size in zip(files, sizes):
+        digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
+        if by_bytes:
+            digest.update(path.read_bytes())
+    of = "names+bytes" if by_bytes else "names+sizes"
+    return {"source": str(root), "path": str(root.resolve()), "sha256": digest.hexdigest(), "sha256_of": of}

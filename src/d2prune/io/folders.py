@@ -85,6 +85,15 @@ def load_hf_folder(path: str | Path, dtype: str):
     return model, tokenizer
 
 
+def load_processor(path: str | Path):
+    """The tokenizer of a causal LM's folder, or the image processor of an image classifier's."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    if config_task(AutoConfig.from_pretrained(str(path))) == IMAGE_CLASSIFICATION:
+        return AutoImageProcessor.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def _load_image_classifier(path: str | Path, config, dtype: str):
     from transformers import AutoImageProcessor
 

@@ -39,7 +39,9 @@ class StreamedModel:
 
     def __init__(self, folder: str | Path, dtype: str = "float32"):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
+
+        from d2prune.io.folders import is_image_classifier, model_class
 
         limit_heap_retention()
         self.folder = Path(folder).expanduser()
@@ -51,12 +53,15 @@ class StreamedModel:
             config = AutoConfig.from_pretrained(str(self.folder))
             # Buffers stay real: rotary frequencies and the like are computed, not stored.
             with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+                # The config's task decides the class: a causal LM, or an image classifier (ViT, DeiT).
+                cls = model_class(config)
+                model = getattr(cls, "from_config", cls._from_config)(config, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"could not build the model of {self.folder}: {exc}") from None
         model.tie_weights()
         model.eval()
-        model.config.use_cache = False
+        if not is_image_classifier(model):
+            model.config.use_cache = False
         self.model = model
         self.stack: DecoderStack = find_decoder_stack(model)
 
