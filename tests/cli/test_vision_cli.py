@@ -181,3 +181,32 @@ def test_eval_images_on_a_causal_lm_is_a_user_error(assets, capsys):
     _one_line_error(
         capsys, ["eval", str(TINY), "--eval-images", str(assets / "val"), "--no-progress"], "this model is a causal LM"
     )
+
+
+def test_torchrun_prunes_and_evaluates_like_one_process(assets):
+    """Two gloo ranks share the calibration images and the evaluation batches: same masks, same accuracy."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["prune", str(assets / "vit"), "--calib", str(assets / "train"), "--eval-images", str(assets / "val")]
+    common += ["--method", "sparsegpt", *QUICK, "--save-model"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "d2prune"]
+        + [*common, "--output-dir", str(assets / "two"), "--dist-timeout", "60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert main([*common, "--output-dir", str(assets / "one")]) == 0
+    one, two = _weights(assets / "one" / "model"), _weights(assets / "two" / "model")
+    for name in one:
+        assert torch.equal(one[name] == 0, two[name] == 0), name
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+    rec1, rec2 = (json.loads((assets / o / "run.json").read_text()) for o in ("one", "two"))
+    assert rec2["distributed"]["world_size"] == 2
+    assert rec2["accuracy"]["pruned"]["n_images"] == rec1["accuracy"]["pruned"]["n_images"] == 20
+    assert rec2["accuracy"]["pruned"]["top5"] == rec1["accuracy"]["pruned"]["top5"]

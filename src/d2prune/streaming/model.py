@@ -55,7 +55,8 @@ class StreamedModel:
             with init_empty_weights(include_buffers=False):
                 # The config's task decides the class: a causal LM, or an image classifier (ViT, DeiT).
                 cls = model_class(config)
-                model = getattr(cls, "from_config", cls._from_config)(config, dtype=self.dtype)
+                build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto or concrete
+                model = build(config, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"could not build the model of {self.folder}: {exc}") from None
         model.tie_weights()
