@@ -102,7 +102,9 @@ def test_prune_records_accuracy_and_the_saved_model_reloads_to_it(assets, capsys
         == 0
     )
     evaluated = json.loads((assets / "ev" / "run.json").read_text())["accuracy"]["model"]
-    assert evaluated == record["accuracy"]["pruned"]
+    pruned = record["accuracy"]["pruned"]
+    assert evaluated["loss"] == pytest.approx(pruned["loss"], rel=1e-6)  # batches of 1 here, of 4 there
+    assert {k: v for k, v in evaluated.items() if k != "loss"} == {k: v for k, v in pruned.items() if k != "loss"}
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "d2prune", "wanda"])
@@ -163,8 +165,8 @@ def test_user_mistakes_are_one_line_errors(assets, tmp_path, capsys):
     )
     _one_line_error(
         capsys,
-        ["prune", vit, *calib, "--method", "d2prune", "--target-layers", "auto", *QUICK],
-        "scores held-out text perplexity",
+        ["prune", vit, *calib, "--method", "d2prune", "--target-layers", "auto", "--heldout-windows", "13", *QUICK],
+        "12 images left after the 8 calibration images; 13 held-out",
     )
     _one_line_error(
         capsys,
@@ -210,3 +212,36 @@ def test_torchrun_prunes_and_evaluates_like_one_process(assets):
     assert rec2["distributed"]["world_size"] == 2
     assert rec2["accuracy"]["pruned"]["n_images"] == rec1["accuracy"]["pruned"]["n_images"] == 20
     assert rec2["accuracy"]["pruned"]["top5"] == rec1["accuracy"]["pruned"]["top5"]
+
+
+def test_target_layers_auto_chooses_on_heldout_images(assets):
+    """The held-out choice scores each candidate by its mean cross-entropy on images the calibration
+    did not draw; the model ends as a run with the chosen projection named gives it."""
+    common = ["prune", str(assets / "vit"), "--calib", str(assets / "train"), "--method", "d2prune", *QUICK]
+    assert (
+        main(
+            [
+                *common,
+                "--target-layers",
+                "auto",
+                "--heldout-windows",
+                "6",
+                "--output-dir",
+                str(assets / "auto"),
+                "--save-model",
+            ]
+        )
+        == 0
+    )
+    choice = json.loads((assets / "auto" / "run.json").read_text())["target_search"]
+    losses = choice["heldout_loss"]
+    assert set(losses) == {"attention.q_proj", "attention.k_proj", "attention.v_proj", "none"}
+    assert choice["chosen"] == min(losses, key=losses.get) and choice["heldout_images"] == 6
+    chosen = [] if choice["chosen"] == "none" else [choice["chosen"]]
+    assert (
+        main([*common, "--target-layers", *(chosen or ["none"]), "--output-dir", str(assets / "named"), "--save-model"])
+        == 0
+    )
+    auto, named = _weights(assets / "auto" / "model"), _weights(assets / "named" / "model")
+    for name in auto:
+        assert torch.equal(auto[name], named[name]), name

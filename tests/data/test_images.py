@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2prune.data.images import ImageBatches, folder_info, get_image_calibration, image_folder, preprocess
+from d2prune.data.images import (
+    ImageBatches,
+    folder_info,
+    get_image_calibration,
+    get_image_heldout,
+    image_folder,
+    preprocess,
+)
 from d2prune.errors import UserError
 from vision_models import tiny_processor, write_image_folder
 
@@ -53,6 +60,20 @@ def test_calibration_draw_is_seeded_and_matches_the_processor(tmp_path):
     assert a["labels"].tolist() == [label for _, label in picked]
     with pytest.raises(UserError, match="has 9 images; --nsamples 10 asks for more"):
         get_image_calibration(processor, tmp_path, nsamples=10)
+
+
+def test_heldout_images_are_not_calibration_images(tmp_path):
+    write_image_folder(tmp_path, per_class=4)
+    processor = tiny_processor()
+    calib = get_image_calibration(processor, tmp_path, nsamples=8, seed=3)
+    held = get_image_heldout(processor, tmp_path, nsamples=4, calib_nsamples=8, calib_seed=3, seed=1)
+    again = get_image_heldout(processor, tmp_path, nsamples=4, calib_nsamples=8, calib_seed=3, seed=1)
+    assert torch.equal(held["pixel_values"], again["pixel_values"])
+    flat = lambda t: {tuple(x.flatten().tolist()) for x in t}  # noqa: E731
+    assert len(flat(held["pixel_values"])) == 4
+    assert not flat(held["pixel_values"]) & flat(calib["pixel_values"])
+    with pytest.raises(UserError, match="4 images left after the 8 calibration images; 5 held-out"):
+        get_image_heldout(processor, tmp_path, nsamples=5, calib_nsamples=8, calib_seed=3)
 
 
 def test_batches_cover_the_folder_in_order(tmp_path):

@@ -90,7 +90,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rf.add_argument("--refit-iters", type=int, default=100, help="most CG iterations per linear (default 100)")
     hs = pr.add_argument_group(heldout_title())
     hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
-    hs.add_argument("--heldout-windows", type=int, default=16, help="held-out windows (default 16)")
+    hs.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=16,
+        help="held-out windows, or images for an image classifier (default 16)",
+    )
     hs.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out draw (default 1)")
     add_method_options(pr)
 
@@ -213,17 +218,20 @@ def prune_choosing_on_heldout(
     from d2prune import selection
     from d2prune.data import get_heldout
 
-    with distributed.current().sync("reading the held-out data"):
-        heldout = get_heldout(
-            tokenizer,
-            args.heldout_source or calib_source,
-            nsamples=args.heldout_windows,
-            seqlen=args.seqlen,
-            calib_nsamples=args.nsamples,
-            calib_seed=args.seed,
-            seed=args.heldout_seed,
-            data_dir=args.data_dir_path,
-        )
+    if args.vision:
+        heldout = vision.heldout(args, model, tokenizer, args.heldout_source or calib_source)
+    else:
+        with distributed.current().sync("reading the held-out data"):
+            heldout = get_heldout(
+                tokenizer,
+                args.heldout_source or calib_source,
+                nsamples=args.heldout_windows,
+                seqlen=args.seqlen,
+                calib_nsamples=args.nsamples,
+                calib_seed=args.seed,
+                seed=args.heldout_seed,
+                data_dir=args.data_dir_path,
+            )
     report, choice = selection.choose_on_heldout(model, calibration, heldout, config)
     choice["heldout_source"] = args.heldout_source or calib_source
     choice["heldout_seed"] = args.heldout_seed

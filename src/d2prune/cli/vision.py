@@ -27,7 +27,7 @@ def model_config(model: Any) -> Any:
 
 def check_options(args: argparse.Namespace, config=None) -> None:
     """Refuse what an image classifier cannot do: text perplexity sets, zero-shot tasks, text options
-    of the method, the held-out choice (it scores held-out text perplexity)."""
+    of the method."""
     if args.eval and [e.lower() for e in args.eval] not in (DEFAULT_EVAL, ["none"]):
         raise UserError(
             f"--eval {' '.join(args.eval)}: perplexity sets are for causal LMs; evaluate an image classifier "
@@ -39,13 +39,8 @@ def check_options(args: argparse.Namespace, config=None) -> None:
         raise UserError("--zero-shot runs language tasks; it cannot evaluate an image classifier")
     if config is None:
         return
-    from d2prune.cli.method_options import heldout_request, text_sources
+    from d2prune.cli.method_options import text_sources
 
-    if config.method.chooses_on_heldout():
-        raise UserError(
-            f"{heldout_request(args) or 'a held-out choice'} scores held-out text perplexity; for an image "
-            "classifier name the linears (e.g. --target-layers attention.k_proj)"
-        )
     for _, what, source in text_sources(args, config.method):
         raise UserError(f"the {what} source {source} is text; an image classifier takes images (--calib IMAGE_FOLDER)")
 
@@ -72,6 +67,27 @@ def calibration(args: argparse.Namespace, model: Any, processor: Any, source: st
             source,
             nsamples=args.nsamples,
             seed=args.seed,
+            label2id=getattr(config, "label2id", None),
+            num_labels=getattr(config, "num_labels", None),
+        )
+
+
+def heldout(args: argparse.Namespace, model: Any, processor: Any, source: str) -> dict:
+    """``--heldout-windows`` images of the folder ``source`` that the calibration draw did not pick,
+    drawn with ``--heldout-seed`` (for a held-out choice such as ``--target-layers auto``)."""
+    from d2prune.data.images import get_image_heldout
+
+    if not Path(source).expanduser().is_dir():
+        raise UserError(f"held-out images come from an image folder (--heldout-source DIR), not {source!r}")
+    config = model_config(model)
+    with distributed.current().sync("reading the held-out images"):
+        return get_image_heldout(
+            processor,
+            source,
+            nsamples=args.heldout_windows,
+            calib_nsamples=args.nsamples,
+            calib_seed=args.seed,
+            seed=args.heldout_seed,
             label2id=getattr(config, "label2id", None),
             num_labels=getattr(config, "num_labels", None),
         )

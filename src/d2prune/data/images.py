@@ -103,8 +103,39 @@ def get_image_calibration(
     folder = image_folder(root, label2id, num_labels)
     if nsamples > len(folder):
         raise UserError(f"{folder.root} has {len(folder)} images; --nsamples {nsamples} asks for more")
-    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:nsamples].tolist()
-    picked = [folder.files[i] for i in order]
+    return _images(processor, folder, _draw(len(folder), nsamples, seed))
+
+
+def get_image_heldout(
+    processor: Any,
+    root: str | Path,
+    nsamples: int,
+    calib_nsamples: int,
+    calib_seed: int = 0,
+    seed: int = 1,
+    label2id: dict[str, int] | None = None,
+    num_labels: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``nsamples`` images of the folder that the calibration draw (``calib_nsamples``, ``calib_seed``)
+    did not pick, drawn with ``seed``: held-out images for choosing an option (``d2prune.selection``)."""
+    folder = image_folder(root, label2id, num_labels)
+    used = set(_draw(len(folder), min(calib_nsamples, len(folder)), calib_seed))
+    rest = [i for i in range(len(folder)) if i not in used]
+    if nsamples > len(rest):
+        raise UserError(
+            f"{folder.root} has {len(rest)} images left after the {calib_nsamples} calibration images; "
+            f"{nsamples} held-out images asked for"
+        )
+    return _images(processor, folder, [rest[i] for i in _draw(len(rest), nsamples, seed)])
+
+
+def _draw(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``range(n)`` without replacement, in the order of ``torch.randperm`` seeded with ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist()
+
+
+def _images(processor: Any, folder: ImageFolder, indices: list[int]) -> dict[str, torch.Tensor]:
+    picked = [folder.files[i] for i in indices]
     return {
         "pixel_values": preprocess(processor, [p for p, _ in picked]),
         "labels": torch.tensor([label for _, label in picked], dtype=torch.long),

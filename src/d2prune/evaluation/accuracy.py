@@ -1,4 +1,5 @@
-"""Top-1 and top-5 accuracy of an image classifier on labelled batches (no method logic here)."""
+"""Top-1 and top-5 accuracy (and the mean cross-entropy) of an image classifier on labelled batches
+(no method logic here)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from d2prune.errors import UserError
 
 @dataclass
 class AccuracyResult:
-    """Fractions of images whose label is the top logit (top1) or among the top five (top5)."""
+    """Fractions of images whose label is the top logit (top1) or among the top five (top5), and the
+    mean cross-entropy of the logits against the labels (loss)."""
 
     top1: float
     top5: float
     n_images: int
+    loss: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +45,7 @@ def evaluate_accuracy(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     world = distributed.current()
     lo, hi = world.bounds(len(batches))
-    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, images, summed cross-entropy
     was_training = model.training
     model.eval()
     try:
@@ -60,7 +63,8 @@ def evaluate_accuracy(
                     raise UserError(f"image labels must lie in 0..{logits.shape[-1] - 1} for this model")
                 top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
                 hits = top == labels[:, None]
-                counts += torch.tensor([hits[:, 0].sum().item(), hits.any(-1).sum().item(), labels.shape[0]])
+                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                counts += torch.tensor([hits[:, 0].sum().item(), hits.any(-1).sum().item(), labels.shape[0], loss])
                 bar.update(1)
     finally:
         model.train(was_training)
@@ -68,4 +72,4 @@ def evaluate_accuracy(
     n = int(counts[2])
     if n == 0:
         raise UserError("no images to evaluate")
-    return AccuracyResult(top1=float(counts[0]) / n, top5=float(counts[1]) / n, n_images=n)
+    return AccuracyResult(top1=float(counts[0]) / n, top5=float(counts[1]) / n, n_images=n, loss=float(counts[3]) / n)
