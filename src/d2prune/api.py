@@ -15,7 +15,7 @@ from d2prune.allocation.owl import outlier_ratios, owl_sparsities
 from d2prune.config import PruneConfig
 from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import find_decoder_stack, find_linears, in_features
-from d2prune.engine.capture import calibration_batches
+from d2prune.engine.capture import batch_rows, calibration_batches, input_key
 from d2prune.engine.executor import current_executor
 from d2prune.engine.precision import resolve_compute_dtype
 from d2prune.engine.walk import LayerStore, prune_layers
@@ -27,10 +27,12 @@ from d2prune.report import PruneReport
 def prune(
     model: nn.Module, calibration: Any, config: PruneConfig | None = None, *, store: LayerStore | None = None
 ) -> PruneReport:
-    """Prune ``model`` in place, layer by layer, with ``calibration`` token ids; returns a report.
+    """Prune ``model`` in place, layer by layer, with ``calibration`` token ids or images; returns a report.
 
     ``calibration``: a LongTensor (windows, tokens), or an iterable of such batches or of dicts with
-    ``input_ids`` (and optionally ``attention_mask``). ``store``: where the layers live (default: in
+    ``input_ids`` (and optionally ``attention_mask``); for an image classifier (ViT, DeiT: its encoder
+    blocks are pruned, the classifier head stays dense) a float tensor (images, channels, height, width),
+    or batches of those or dicts with ``pixel_values`` (and ``labels``, which Pruner-Zero's gradients need). ``store``: where the layers live (default: in
     ``model``); see ``d2prune.streaming.prune_checkpoint`` for models streamed from disk, whose store
     can also continue an interrupted run (``LayerStore.restore``).
 
@@ -44,12 +46,14 @@ def prune(
     t_start = time.perf_counter()
     device = torch.device(config.device)
     compute = resolve_compute_dtype(config.compute_dtype, device)
-    model_info = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
-    method = config.method.resolve(model_info)
     stack = find_decoder_stack(model)
     num_layers = len(stack.layers)
-
     names = list(find_linears(stack.layers[0]))
+    model_info = {
+        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+        "linear_names": names,
+    }
+    method = config.method.resolve(model_info)
     method.validate(names, stack.layer_class)
     for name, lin in find_linears(stack.layers[0]).items():
         config.pattern.check_width(in_features(lin), f"{stack.layer_class}.{name}")
@@ -70,7 +74,12 @@ def prune(
         earlier_total = timings.pop("total", 0.0)
         targets = _layer_targets(model, batches, config, device, store, report, timings, num_layers, compute.dtype)
         report.layer_sparsities = [t.sparsity for t in targets]
-        report.nsamples, report.seqlen = sum(b["input_ids"].shape[0] for b in batches), batches[0]["input_ids"].shape[1]
+        report.nsamples = sum(batch_rows(b) for b in batches)
+        images = input_key(batches[0]) == "pixel_values"
+        if images:
+            report.image_size = list(batches[0]["pixel_values"].shape[1:])
+        else:
+            report.seqlen = batches[0]["input_ids"].shape[1]
 
         def on_layer_done(index: int, activations: Activations) -> None:
             report.timings = timings
@@ -89,6 +98,8 @@ def prune(
             start=start,
             on_layer_done=on_layer_done,
         )
+        if images and report.activations and report.activations.get("shape"):
+            report.seqlen = report.activations["shape"][1]  # tokens per image (patches and class tokens)
     finally:
         if was_training:
             model.train()

@@ -44,6 +44,8 @@ class PruneReport:
     resumed_at_layer: int | None = None
     # The dtype the layer forwards ran in: requested, resolved, and why (``engine.precision``).
     compute_dtype: dict[str, str] | None = None
+    # Image calibration: (channels, height, width) of the images; ``seqlen`` is then tokens per image.
+    image_size: list[int] | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -70,6 +72,7 @@ class PruneReport:
             "config": self.config,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
+            **({"image_size": self.image_size} if self.image_size is not None else {}),
             "overall_sparsity": self.overall_sparsity,
             "layer_sparsities": self.layer_sparsities,
             "outlier_ratios": self.outlier_ratios,

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import find_decoder_stack, find_linears, in_features, weight_matrix
-from d2prune.engine.capture import capture_inputs_and_arguments
+from d2prune.engine.capture import batch_rows, capture_inputs_and_arguments
 from d2prune.engine.executor import current_executor
 from d2prune.engine.layer import run_layer
 from d2prune.engine.walk import LayerStore, layers_in_turn
@@ -43,7 +43,7 @@ def outlier_ratios(
     acts = Activations("ram", device)
     with executor.sync("capturing the layer-0 inputs for OWL"), store.outside_stack(device):
         _, layer_extras = capture_inputs_and_arguments(model, stack, local, device, acts, dtype=dtype)
-    sizes = [b["input_ids"].shape[0] for b in local]
+    sizes = [batch_rows(b) for b in local]
     ratios = []
     turns = layers_in_turn(
         stack,

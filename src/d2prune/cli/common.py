@@ -93,7 +93,8 @@ def new_record(args: argparse.Namespace, offload: dict[str, Any]) -> dict[str, A
 
 
 def load(args: argparse.Namespace, streamed: bool, timings: dict[str, float]) -> tuple[Any, Any]:
-    """The model (in memory on the CPU, or its folder when streamed) and its tokenizer."""
+    """The model (in memory on the CPU, or its folder when streamed) and its tokenizer (an image
+    classifier's: its image processor; ``args.vision`` says which, from the model's config)."""
     from d2prune.finetune import adapters as _adapters  # noqa: F401 - registers the adapter-folder loader
     from d2prune.io.models import check_device, load_model
 
@@ -101,16 +102,19 @@ def load(args: argparse.Namespace, streamed: bool, timings: dict[str, float]) ->
     with distributed.current().sync("loading the model"):  # [distributed] a rank that cannot load stops them all
         check_device(args.device)
         if streamed:
-            from d2prune.io.folders import load_tokenizer
+            from d2prune.io.folders import load_processor
 
             # The weights stay on disk; the model stands for its folder from here on.
-            model, tokenizer = Path(args.model).expanduser(), load_tokenizer(args.model)
+            model, tokenizer = Path(args.model).expanduser(), load_processor(args.model)
         else:
             from d2prune.engine.finite import check_model_weights
 
             model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
             check_model_weights(model)  # streamed layers are checked as they are read
     timings["load"] = time.perf_counter() - t0
+    args.vision = _is_image_classifier(model)
+    if args.vision and args.command == "finetune":
+        raise UserError("d2prune finetune trains causal LMs; this model is an image classifier")
     return model, tokenizer
 
 
@@ -128,9 +132,21 @@ def window_bos(args: argparse.Namespace, model, tokenizer, record: dict) -> None
     record["window_bos"] = args.bos.to_dict()
 
 
+def _is_image_classifier(model: Any) -> bool:
+    from d2prune.cli.vision import model_config
+    from d2prune.io.folders import is_image_classifier
+
+    return is_image_classifier(model_config(model))
+
+
 def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: dict) -> None:
     """Perplexity on every --eval set; ``model`` is a model in memory or the folder of one that is
-    evaluated layer by layer from disk (--offload disk)."""
+    evaluated layer by layer from disk (--offload disk). An image classifier: accuracy on --eval-images."""
+    if getattr(args, "vision", False):
+        from d2prune.cli import vision
+
+        vision.evaluate(model, tokenizer, args, label, results)
+        return
     from d2prune.data import get_eval_tokens
     from d2prune.evaluation.perplexity import evaluate_ppl
     from d2prune.io.folders import torch_dtype

@@ -1,11 +1,12 @@
-"""``d2prune eval``: perplexity (and zero-shot accuracy) of a dense or saved model."""
+"""``d2prune eval``: perplexity (and zero-shot accuracy) of a dense or saved model; top-1/top-5
+accuracy (``--eval-images``) of an image classifier."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from d2prune.cli import common
+from d2prune.cli import common, vision
 from d2prune.cli.options import add_model_args
 from d2prune.engine import distributed
 from d2prune.errors import UserError
@@ -30,10 +31,22 @@ def run(args: argparse.Namespace) -> int:
     if streamed and args.zero_shot:
         raise UserError("--zero-shot needs the whole model in memory; use --offload none")
     model, tokenizer = common.load(args, streamed, timings)
-    common.window_bos(args, model, tokenizer, record)
+    if args.vision:
+        vision.check_options(args)
+    else:
+        vision.check_images_only(args)
+        common.window_bos(args, model, tokenizer, record)
 
     common.evaluate_all(model, tokenizer, args, "model", ppl, record, timings)
     if distributed.current().rank > 0:  # only rank 0 prints and writes
+        return 0
+    if args.vision:
+        record.update(accuracy=ppl, timings=timings, sources=vision.sources(args, None))
+        if "model" in ppl:
+            row = {"set": args.eval_images, **vision.summary_columns(ppl), "images": ppl["model"]["n_images"]}
+            print(format_table([row], list(row)))
+        if output_dir:
+            write_json_atomic(output_dir / "run.json", record)
         return 0
     record.update(perplexity=ppl, timings=timings, sources=common.sources(args, None), seqlen=args.seqlen)
     rows = [

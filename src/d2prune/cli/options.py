@@ -45,8 +45,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="perplexity sets: wikitext2, ptb, a text file, or 'none' (default wikitext2)",
     )
     p.add_argument("--eval-data-path", "--eval_data_path", default=None, help="file or folder for the (first) eval set")
+    p.add_argument(
+        "--eval-images",
+        default=None,
+        metavar="DIR",
+        help="image classifiers: top-1/top-5 accuracy on a labelled image folder (DIR/CLASS/IMAGE)",
+    )
     p.add_argument("--eval-windows", type=int, default=None, help="use only the first K evaluation windows")
-    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward (default 1)")
+    p.add_argument(
+        "--eval-batch-size", type=int, default=1, help="windows (or images) per evaluation forward (default 1)"
+    )
     p.add_argument("--output-dir", "--output_dir", default=None, help="folder for run.json (and the saved model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(

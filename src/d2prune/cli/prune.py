@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from d2prune.cli import common
+from d2prune.cli import common, vision
 from d2prune.cli.method_options import (
     add_method_choice,
     add_method_options,
@@ -37,9 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
     pr.add_argument("--prune_m", type=int, default=0, help=argparse.SUPPRESS)
-    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows or images (default 128)")
     pr.add_argument(
-        "--calib", "--cali_dataset", default="c4", help="calibration source: c4, a file or a folder (default c4)"
+        "--calib",
+        "--cali_dataset",
+        default="c4",
+        help="calibration source: c4, a file or a folder (default c4); an image classifier's: an image "
+        "folder (DIR/CLASS/IMAGE)",
     )
     pr.add_argument(
         "--calib-data-path", "--cali_data_path", default=None, help="file or folder for the calibration source"
@@ -86,7 +90,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rf.add_argument("--refit-iters", type=int, default=100, help="most CG iterations per linear (default 100)")
     hs = pr.add_argument_group(heldout_title())
     hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
-    hs.add_argument("--heldout-windows", type=int, default=16, help="held-out windows (default 16)")
+    hs.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=16,
+        help="held-out windows, or images for an image classifier (default 16)",
+    )
     hs.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out draw (default 1)")
     add_method_options(pr)
 
@@ -210,18 +219,21 @@ def prune_choosing_on_heldout(
     from d2prune import selection
     from d2prune.data import get_heldout
 
-    with distributed.current().sync("reading the held-out data"):
-        heldout = get_heldout(
-            tokenizer,
-            args.heldout_source or calib_source,
-            nsamples=args.heldout_windows,
-            seqlen=args.seqlen,
-            calib_nsamples=args.nsamples,
-            calib_seed=args.seed,
-            seed=args.heldout_seed,
-            data_dir=args.data_dir_path,
-            window_bos=args.bos,
-        )
+    if args.vision:
+        heldout = vision.heldout(args, model, tokenizer, args.heldout_source or calib_source)
+    else:
+        with distributed.current().sync("reading the held-out data"):
+            heldout = get_heldout(
+                tokenizer,
+                args.heldout_source or calib_source,
+                nsamples=args.heldout_windows,
+                seqlen=args.seqlen,
+                calib_nsamples=args.nsamples,
+                calib_seed=args.seed,
+                seed=args.heldout_seed,
+                data_dir=args.data_dir_path,
+                window_bos=args.bos,
+            )
     report, choice = selection.choose_on_heldout(model, calibration, heldout, config)
     choice["heldout_source"] = args.heldout_source or calib_source
     choice["heldout_seed"] = args.heldout_seed
@@ -270,10 +282,12 @@ def summary_row(args: argparse.Namespace, config, report, ppl: dict, timings: di
         "target": config.pattern.sparsity if config.pattern.is_nm else config.sparsity,
         "achieved": report.overall_sparsity,
     }
-    for name in args.eval:
+    for name in [] if args.vision else args.eval:
         if name.lower() != "none":
             row[f"dense ppl ({name})"] = ppl.get("dense", {}).get(name, {}).get("ppl")
             row[f"pruned ppl ({name})"] = ppl["pruned"][name]["ppl"]
+    if args.vision:
+        row.update(vision.summary_columns(ppl))
     refitted = [lin for lin in report.linears if lin.relative_error_before_refit is not None]
     if refitted:  # mean relative error of the refitted linears, before and after the refit
         row["err before refit"] = sum(lin.relative_error_before_refit for lin in refitted) / len(refitted)
@@ -300,21 +314,28 @@ def run(args: argparse.Namespace) -> int:
     if streamed and args.zero_shot:
         raise UserError("--zero-shot needs the whole model in memory; use --offload none")
     model, tokenizer = common.load(args, streamed, timings)
-    common.window_bos(args, model, tokenizer, record)
+    if args.vision:
+        vision.check_options(args, config)
+    else:
+        vision.check_images_only(args)
+        common.window_bos(args, model, tokenizer, record)
 
     calib_source = args.calib_data_path or args.calib
     t0 = time.perf_counter()
-    with distributed.current().sync("reading the calibration data"):
-        calibration = get_calibration(
-            tokenizer,
-            calib_source,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            data_dir=args.data_dir_path,
-            cache_dir=args.cache_dir_path,
-            window_bos=args.bos,
-        )
+    if args.vision:
+        calibration = vision.calibration(args, model, tokenizer, calib_source)
+    else:
+        with distributed.current().sync("reading the calibration data"):
+            calibration = get_calibration(
+                tokenizer,
+                calib_source,
+                nsamples=args.nsamples,
+                seqlen=args.seqlen,
+                seed=args.seed,
+                data_dir=args.data_dir_path,
+                cache_dir=args.cache_dir_path,
+                window_bos=args.bos,
+            )
     timings["calibration_data"] = time.perf_counter() - t0
     if args.eval_dense:
         t0 = time.perf_counter()
@@ -333,9 +354,9 @@ def run(args: argparse.Namespace) -> int:
         config=report.config,
         seed=args.seed,
         nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        sources=common.sources(args, calib_source),
-        perplexity=ppl,
+        seqlen=report.seqlen if args.vision else args.seqlen,
+        sources=vision.sources(args, calib_source) if args.vision else common.sources(args, calib_source),
+        **({"accuracy": ppl, "image_size": report.image_size} if args.vision else {"perplexity": ppl}),
         timings=timings,
         prune_timings=report.timings,
         overall_sparsity=report.overall_sparsity,

@@ -1,4 +1,4 @@
-"""Calibration data and the layer-0 capture: what the decoder stack receives.
+"""Calibration data and the layer-0 capture: what the decoder (or encoder) stack receives.
 
 The model's own forward runs up to its decoder stack with stand-ins for the layers
 (``engine.standin``), so whatever the model computes before the stack (embeddings, masks, positions,
@@ -7,6 +7,7 @@ rotary embeddings) is recorded as it is, for any architecture.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -97,31 +98,128 @@ def outside_stack_computing(
         yield
 
 
+# The model input that carries the calibration samples (dim 0: one row per sample): token ids
+# (windows, tokens) of a causal LM, or images (N, C, H, W) of an image classifier.
+INPUT_KEYS = ("input_ids", "pixel_values")
+
+
+def input_key(batch: dict[str, Any]) -> str:
+    """The key of ``batch``'s samples: ``input_ids`` or ``pixel_values``."""
+    return next(key for key in INPUT_KEYS if key in batch)
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    """The number of samples (windows or images) in ``batch``."""
+    return batch[input_key(batch)].shape[0]
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model's forward gets of a calibration batch: all but its ``labels`` (used only by
+    gradient passes that compute their own loss)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def forward_options(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """``use_cache=False`` for a model that takes it (a causal LM): layer-wise passes keep no KV cache.
+    Token batches always get it (as they always did); image models only when their forward names it."""
+    if input_key(batch) == "input_ids":
+        return {"use_cache": False}
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - an odd forward without a signature
+        takes = False
+    return {"use_cache": False} if takes else {}
+
+
 def calibration_batches(calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Normalize the calibration data to a list of model-input dicts with ``input_ids``."""
+    """Normalize the calibration data to a list of model-input dicts with ``input_ids`` (token windows)
+    or ``pixel_values`` (images, optionally with ``labels``). A tensor, or one dict of images, is split
+    into batches of ``batch_size``."""
     if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2:
+        if calibration.is_floating_point():
+            if calibration.dim() != 4:
+                raise UserError(
+                    f"calibration images must be 4-D (images, channels, height, width), got shape "
+                    f"{tuple(calibration.shape)}"
+                )
+        elif calibration.dim() != 2:
             raise UserError(
                 f"calibration token ids must be 2-D (windows, tokens), got shape {tuple(calibration.shape)}"
             )
         calibration = [] if calibration.numel() == 0 else calibration.split(batch_size)
+    elif isinstance(calibration, dict) and "pixel_values" in calibration:
+        calibration = _split_images(calibration, batch_size)
     batches = []
     for item in calibration if isinstance(calibration, Iterable) else [calibration]:
-        if isinstance(item, torch.Tensor):
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
+            item = {"pixel_values": item if item.dim() == 4 else item.unsqueeze(0)}
+        elif isinstance(item, torch.Tensor):
             item = {"input_ids": item if item.dim() == 2 else item.unsqueeze(0)}
-        elif not (isinstance(item, dict) and "input_ids" in item):
-            raise UserError("calibration batches must be token-id tensors or dicts with 'input_ids'")
-        ids = item["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
-            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise UserError(f"calibration input_ids must be non-empty 2-D (windows, tokens) tensors, got {shape}")
+        elif not (isinstance(item, dict) and any(key in item for key in INPUT_KEYS)):
+            raise UserError(
+                "calibration batches must be token-id tensors, image tensors or dicts with 'input_ids' or 'pixel_values'"
+            )
+        if input_key(item) == "input_ids":
+            _check_ids(item["input_ids"])
+        else:
+            _check_images(item)
         batches.append(dict(item))
     if not batches:
         raise UserError("no calibration data given")
+    kinds = sorted({input_key(b) for b in batches})
+    if len(kinds) > 1:
+        raise UserError(f"calibration batches mix {' and '.join(kinds)}")
+    if kinds == ["pixel_values"]:
+        shapes = sorted({tuple(b["pixel_values"].shape[1:]) for b in batches})
+        if len(shapes) > 1:
+            raise UserError(f"all calibration images must have the same shape, got {shapes}")
+        if len({"labels" in b for b in batches}) > 1:
+            raise UserError("some calibration batches have labels and others do not")
+        return batches
     lengths = sorted({b["input_ids"].shape[1] for b in batches})
     if len(lengths) > 1:
         raise UserError(f"all calibration windows must have the same number of tokens, got lengths {lengths}")
     return batches
+
+
+def _split_images(images: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """One dict of images (``pixel_values`` and the like, one row per image) as batches of ``batch_size``."""
+    pixels = images["pixel_values"]
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+        return [images]  # _check_images says what is wrong
+    n = pixels.shape[0]
+    return [
+        {
+            k: v[i : i + batch_size] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in images.items()
+        }
+        for i in range(0, n, batch_size)
+    ]
+
+
+def _check_ids(ids: Any) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise UserError(f"calibration input_ids must be non-empty 2-D (windows, tokens) tensors, got {shape}")
+
+
+def _check_images(batch: dict[str, Any]) -> None:
+    pixels = batch["pixel_values"]
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.numel() == 0:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise UserError(
+            f"calibration pixel_values must be non-empty 4-D (images, channels, height, width) tensors, got {shape}"
+        )
+    if not pixels.is_floating_point():
+        raise UserError(f"calibration pixel_values must be floating point, got {pixels.dtype}")
+    labels = batch.get("labels")
+    if labels is not None and (
+        not isinstance(labels, torch.Tensor) or labels.is_floating_point() or tuple(labels.shape) != (pixels.shape[0],)
+    ):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise UserError(
+            f"calibration labels must be integer class indices, one per image ({pixels.shape[0]}), got {shape}"
+        )
 
 
 def _record_layer_calls(
@@ -142,7 +240,7 @@ def _record_layer_calls(
     ):
         for b, batch in enumerate(batches):
             try:
-                model(**to_device(batch, device), use_cache=False)
+                model(**to_device(model_inputs(batch), device), **forward_options(model, batch))
             except StopForward:
                 pass
             else:
@@ -172,7 +270,7 @@ def capture_layer_inputs(
     """
     extras: list[tuple[tuple, dict]] = []
     hidden_list: list[torch.Tensor] = []
-    total = sum(b["input_ids"].shape[0] for b in batches)
+    total = sum(batch_rows(b) for b in batches)
     start = 0
 
     def on_batch(_: int, calls: list) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from d2prune.engine import distributed
+from d2prune.engine.capture import batch_rows
 
 # Per linear: (relative error, error before the refit, seconds), the first two None when not measured.
 Done = dict[str, tuple[float | None, float | None, float]]
@@ -154,7 +155,7 @@ class DataParallel(Executor):
 
     def shard(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         local, lo = self.world.shard(batches)
-        self.first_window = sum(b["input_ids"].shape[0] for b in batches[:lo])
+        self.first_window = sum(batch_rows(b) for b in batches[:lo])
         return local
 
     def sync(self, what: str) -> contextlib.AbstractContextManager[None]:

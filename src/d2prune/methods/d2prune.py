@@ -181,6 +181,10 @@ class D2SparseGPTPruner(LinearPruner):
 # ``target_layers`` = AUTO: one query/key/value projection (or none) is chosen on held-out data.
 AUTO = "auto"
 _QKV = re.compile(r"(^|\.)((q|k|v)_proj|query|key|value|qkv_proj|query_key_value|c_attn)$")
+# The default no-update linear: the key projection, named as in LLaMA-style decoders. A model whose
+# layers name it otherwise (ViT/DeiT encoder blocks: attention.k_proj) gets its own key projection.
+DEFAULT_TARGET = "self_attn.k_proj"
+_KEY = re.compile(r"(^|\.)(k_proj|key)$")
 
 
 def _target_layers_option(values: list[str]) -> list[str] | str:
@@ -224,14 +228,14 @@ class D2PruneConfig(MethodConfig):
         ),
     )
     target_layers: list[str] | str = field(
-        default_factory=lambda: ["self_attn.k_proj"],
+        default_factory=lambda: [DEFAULT_TARGET],
         metadata=option(
             "--target-layers",
             "--target_layer_names",
             nargs="+",
             parse=_target_layers_option,
             group=OPTIONS_GROUP,
-            help="linears pruned without update (default self_attn.k_proj; 'none' for none)",
+            help="linears pruned without update (default self_attn.k_proj, or the model's key projection; 'none' for none)",
             heldout={
                 "value": AUTO,
                 "choice": "the un-updated projection",
@@ -286,12 +290,18 @@ class D2PruneConfig(MethodConfig):
         return {",".join(c) or "none": dataclasses.replace(self, target_layers=c) for c in candidates}
 
     def resolve(self, model_info: dict[str, Any]) -> D2PruneConfig:
-        if self.auto_s:
+        config = self
+        names = model_info.get("linear_names") or []
+        if names and self.target_layers == [DEFAULT_TARGET] and DEFAULT_TARGET not in names:
+            keys = [n for n in names if _KEY.search(n)]
+            if len(keys) == 1:  # else validate() names the layer's linears
+                config = dataclasses.replace(config, target_layers=keys)
+        if config.auto_s:
             s = model_info.get("max_position_embeddings")
             if not s:
                 raise UserError("--auto-s needs the model's max_position_embeddings, which its config lacks")
-            return dataclasses.replace(self, s=float(s), auto_s=False)
-        return self
+            return dataclasses.replace(config, s=float(s), auto_s=False)
+        return config
 
     def validate(self, linear_names: list[str], layer_class: str) -> None:
         if self.target_layers == AUTO:

@@ -1,7 +1,8 @@
 """The gradient statistic of gradient-based pruning metrics (Pruner-Zero, GBLM-Pruner; docs/methods.md#pruner-zero).
 
 For every linear of every decoder layer, G = sqrt(Σ_k (scale·g_k)²) with g_k = ∂L_k/∂W, where L_k is
-the causal-LM loss of calibration window k over all its tokens. Each window is its own sample, even
+the causal-LM loss of calibration window k over all its tokens (for an image classifier: the
+cross-entropy of image k against its label). Each window is its own sample, even
 when a batch holds several. The sums are float32, whatever the model dtype.
 
 The pass only *reads* gradients: no optimizer, so the weights stay bit-identical (the D²Prune repo's
@@ -24,6 +25,9 @@ Two ways give the same G:
   gradient to the layer below. Like the layer walk, it feeds every layer the keyword arguments
   captured at layer 0, so models whose layers get different masks (mixed sliding-window/global
   layers) are refused.
+
+Longer than 400 lines because the two modes, the losses (causal LM, image classification) and the
+cache keyed on the same batches share their helpers.
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ from tqdm.auto import tqdm
 
 from d2prune.engine import distributed
 from d2prune.engine.architecture import DecoderStack, as_out_in, find_decoder_stack, find_linears
-from d2prune.engine.capture import calibration_batches, capture_layer_inputs, outside_stack_on, tensors_on, to_device
+from d2prune.engine.capture import (
+    batch_rows,
+    calibration_batches,
+    capture_layer_inputs,
+    input_key,
+    model_inputs,
+    outside_stack_on,
+    tensors_on,
+    to_device,
+)
 from d2prune.engine.precision import computing_in
 from d2prune.engine.standin import standing_in
 from d2prune.errors import UserError
@@ -244,7 +257,10 @@ def _split_output(out: Any, stack: DecoderStack) -> tuple[torch.Tensor, tuple | 
 
 
 def _loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The causal-LM loss over all tokens of the window (padding, if a mask marks any, excluded)."""
+    """The causal-LM loss over all tokens of the window (padding, if a mask marks any, excluded), or
+    for images the classification loss on their labels."""
+    if input_key(inputs) == "pixel_values":
+        return _classification_loss(model, inputs)
     labels = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     if mask is not None:
@@ -253,6 +269,24 @@ def _loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     if loss is None:
         raise UserError(f"{type(model).__name__} returns no loss for labels; gradients need a causal LM")
     return loss
+
+
+def _classification_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the model's logits against the images' ``labels``. Computed here rather than by
+    the model, so classifiers whose forward takes no labels (DeiT with a distillation head: its logits
+    are the mean of both heads') get the same loss."""
+    labels = inputs.get("labels")
+    if labels is None:
+        raise UserError(
+            "gradients of an image classifier need the calibration images' labels "
+            "(an image folder with class sub-folders, or dicts with 'pixel_values' and 'labels')"
+        )
+    logits = getattr(model(**model_inputs(inputs)), "logits", None)
+    if logits is None:
+        raise UserError(f"{type(model).__name__} returns no logits; gradients need an image classifier")
+    if int(labels.max()) >= logits.shape[-1] or int(labels.min()) < 0:
+        raise UserError(f"calibration labels must lie in 0..{logits.shape[-1] - 1}, got {sorted(set(labels.tolist()))}")
+    return torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
 
 
 def _accumulate(total: torch.Tensor, grad: torch.Tensor | None, scale: float) -> None:
@@ -265,7 +299,7 @@ def _single_windows(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, to
     """Split batches into one-window batches (per-window tensors sliced along dim 0)."""
     windows = []
     for batch in batches:
-        n = batch["input_ids"].shape[0]
+        n = batch_rows(batch)
         for k in range(n):
             windows.append(
                 {
@@ -306,13 +340,26 @@ def gradient_cache_key(model: nn.Module, batches: Any, scale: float = 100.0) -> 
     digest.update(f"scale={scale!r}".encode())
     windows = 0
     for batch in calibration_batches(batches, 1):
-        windows += batch["input_ids"].shape[0]
+        windows += batch_rows(batch)
         for key in ("input_ids", "attention_mask"):
             if key in batch:
                 digest.update(key.encode())
                 digest.update(batch[key].detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+        if input_key(batch) == "pixel_values":
+            _digest_images(digest, batch)
     digest.update(f"windows={windows}".encode())
     return digest.hexdigest()
+
+
+def _digest_images(digest: Any, batch: dict[str, torch.Tensor]) -> None:
+    """Each image's exact bytes and its label, image by image (so batching does not change the key)."""
+    pixels = batch["pixel_values"].detach().cpu().contiguous()
+    labels = batch.get("labels")
+    for k in range(pixels.shape[0]):
+        digest.update(f"pixel_values{pixels.dtype}{tuple(pixels.shape[1:])}".encode())
+        digest.update(pixels[k].reshape(-1).view(torch.uint8).numpy().tobytes())
+        if labels is not None:
+            digest.update(f"label={int(labels[k])}".encode())
 
 
 def save_gradients(grads: dict[str, torch.Tensor], path: str | os.PathLike, key: str | None = None) -> None:

@@ -41,7 +41,9 @@ class StreamedModel:
 
     def __init__(self, folder: str | Path, dtype: str = "float32"):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
+
+        from d2prune.io.folders import is_image_classifier, model_class
 
         limit_heap_retention()
         self.folder = Path(folder).expanduser()
@@ -53,13 +55,17 @@ class StreamedModel:
             config = AutoConfig.from_pretrained(str(self.folder))
             # Buffers stay real: rotary frequencies and the like are computed, not stored.
             with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+                # The config's task decides the class: a causal LM, or an image classifier (ViT, DeiT).
+                cls = model_class(config)
+                build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto or concrete
+                model = build(config, dtype=self.dtype)
         except load_errors() as exc:  # an architecture transformers does not know, a damaged config
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"could not build the model of {self.folder}: {reason}") from None
         model.tie_weights()
         model.eval()
-        model.config.use_cache = False
+        if not is_image_classifier(model):
+            model.config.use_cache = False
         self.model = model
         self.stack: DecoderStack = find_decoder_stack(model)
 

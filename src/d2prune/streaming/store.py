@@ -184,11 +184,14 @@ class StreamedStore(StreamingLayers):
         )
         config = streamed.model.config
         config.dtype = streamed.dtype
-        config.use_cache = True  # the saved model is for inference; it is off only while pruning
-        try:
+        if getattr(config, "use_cache", None) is False:  # a causal LM (image classifiers have none)
+            config.use_cache = True  # the saved model is for inference; it is off only while pruning
+            try:
+                config.save_pretrained(self.work)
+            finally:
+                config.use_cache = False
+        else:
             config.save_pretrained(self.work)
-        finally:
-            config.use_cache = False
         for src in streamed.folder.iterdir():
             if (
                 src.is_file()
