@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,14 @@ def make_savable(model):
     return new
 
 
-def save_model_folder(model, tokenizer, out_dir: str | Path, extra_json: dict[str, dict], replace: bool = True) -> Path:
+def save_model_folder(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    extra_json: dict[str, dict],
+    replace: bool = True,
+    finish: Callable[[Path], Any] | None = None,
+) -> Path:
     """``save_pretrained`` model + tokenizer + JSON files (``{file name: record}``) into ``out_dir``
     atomically (:func:`d2prune.io.atomic.atomic_folder`). Returns the absolute ``out_dir``.
 
@@ -132,4 +140,6 @@ def save_model_folder(model, tokenizer, out_dir: str | Path, extra_json: dict[st
             tokenizer.save_pretrained(tmp)
         for fname, text in payloads.items():
             (tmp / fname).write_text(text, encoding="utf-8")  # atomic_folder fsyncs it before the rename
+        if finish is not None:
+            finish(tmp)
     return out_dir

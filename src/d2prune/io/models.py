@@ -6,8 +6,10 @@ No pruning logic lives here. The public API:
 - ``load_model(name_or_path, dtype="float32", device="cpu") -> (model, tokenizer)``
 - ``register_folder_loader(marker, loader)``: teach ``load_model`` another kind of folder
 - ``model_seqlen(model) -> int``
-- ``save_pruned(model, tokenizer, out_dir, sparsity_record) -> Path`` (atomic)
+- ``save_pruned(model, tokenizer, out_dir, sparsity_record, save_format="dense") -> Path`` (atomic)
 - ``load_sparsity_record(path) -> dict | None``
+- ``load_pretrained(folder, dtype=None, device="cpu")``: a plain transformers model from a dense or
+  sparse folder (:mod:`d2prune.io.sparse`); ``load_model`` opens sparse folders too
 
 GGUF reading and its on-disk cache live in :mod:`d2prune.io.gguf`, HF-folder reading and atomic
 saving in :mod:`d2prune.io.folders`.
@@ -32,6 +34,7 @@ from d2prune.io.gguf import (
     load_gguf_cached,
     smollm2_gguf,
 )
+from d2prune.io.sparse import is_sparse_folder, load_pretrained, load_sparse, sparsify_folder  # noqa: F401
 
 SPARSITY_FILE = "sparsity.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -97,6 +100,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
         model, tokenizer = load_gguf_cached(path, path.stem, cache, dtype)
+    elif path.is_dir() and is_sparse_folder(path):
+        model, tokenizer = load_sparse(path, dtype)
     elif path.is_dir():
         loader = None
         if not (path / "config.json").is_file():
@@ -151,16 +156,40 @@ def model_seqlen(model) -> int:
     )
 
 
-def save_pruned(model, tokenizer, out_dir: str | Path, sparsity_record: dict) -> Path:
+SAVE_FORMATS = ("dense", "sparse")
+
+
+def save_pruned(model, tokenizer, out_dir: str | Path, sparsity_record: dict, save_format: str = "dense") -> Path:
     """Save model (safetensors) + tokenizer + ``sparsity.json`` into ``out_dir`` atomically.
 
-    Everything is written into ``out_dir.parent/.{name}.tmp-<pid>`` and renamed to ``out_dir`` only once
+    ``save_format="sparse"`` stores the weights compactly (:mod:`d2prune.io.sparse`): the dense save
+    is written into the temp folder and converted there, shard by shard, before the folder is
+    published. Everything is written into ``out_dir.parent/.{name}.tmp-<pid>`` and renamed to ``out_dir`` only once
     complete; an existing non-empty ``out_dir`` is renamed aside, replaced, then deleted. Returns the
     absolute ``out_dir``.
     """
     if not isinstance(sparsity_record, dict):
         raise TypeError(f"sparsity_record must be a dict, got {type(sparsity_record).__name__}")
-    return save_model_folder(model, tokenizer, Path(out_dir), {SPARSITY_FILE: sparsity_record})
+    check_save_format(save_format)
+    finish = None
+    if save_format == "sparse":
+        nm = sparse_pattern(sparsity_record)
+        finish = lambda tmp: sparsify_folder(tmp, nm)  # noqa: E731
+    return save_model_folder(model, tokenizer, Path(out_dir), {SPARSITY_FILE: sparsity_record}, finish=finish)
+
+
+def check_save_format(save_format: str) -> None:
+    """A UserError unless ``save_format`` is dense or sparse."""
+    if save_format not in SAVE_FORMATS:
+        raise UserError(f"unknown save format {save_format!r}: choose {' or '.join(SAVE_FORMATS)}")
+
+
+def sparse_pattern(sparsity_record: dict) -> tuple[int, int] | None:
+    """``(n, m)`` of the record's N:M pattern (None for unstructured)."""
+    from d2prune.patterns import Pattern
+
+    pattern = Pattern.parse(sparsity_record.get("pattern") or "unstructured")
+    return (pattern.n, pattern.m) if pattern.is_nm else None
 
 
 def load_sparsity_record(path: str | Path) -> dict | None:
