@@ -101,7 +101,12 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
             raise UserError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
         model, tokenizer = load_gguf_cached(path, path.stem, cache, dtype)
     elif path.is_dir() and is_sparse_folder(path):
-        model, tokenizer = load_sparse(path, dtype)
+        try:
+            model, tokenizer = load_sparse(path, dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"could not load model from {path}: {exc}") from None
     elif path.is_dir():
         loader = None
         if not (path / "config.json").is_file():

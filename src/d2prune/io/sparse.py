@@ -302,9 +302,7 @@ def load_sparse(folder: str | Path, dtype: str | None = None, tokenizer: bool = 
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         raise UserError(f"{folder}: {type(config).__name__} is not a causal LM transformers knows") from None
-    model, info = cls.from_pretrained(
-        None, config=config, state_dict=state, dtype=torch_type, output_loading_info=True
-    )
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch_type, output_loading_info=True)
     bad = {
         k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
     }

@@ -122,9 +122,16 @@ class Checkpoint:
 
 
 def is_streamable(model: str | Path) -> bool:
-    """A local model folder with config.json and safetensors weights."""
+    """A local model folder with config.json and dense safetensors weights (a sparse folder is not one)."""
+    from d2prune.io.sparse import is_sparse_folder
+
     path = Path(model).expanduser()
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return (
+        path.is_dir()
+        and (path / "config.json").is_file()
+        and not is_sparse_folder(path)
+        and any(path.glob("*.safetensors"))
+    )
 
 
 def checkpoint_bytes(folder: str | Path, dtype: str) -> int:
@@ -149,7 +156,7 @@ def resolve_offload(mode: str, model: str, dtype: str, threshold: float) -> dict
     if mode == "disk" and not streamable:
         raise UserError(
             f"--offload disk streams safetensors from a local model folder; {model} is not one "
-            "(a .gguf file, the smollm2-135m alias and Hub ids load in memory: use --offload none)"
+            "(a .gguf file, a sparse folder, the smollm2-135m alias and Hub ids load in memory: use --offload none)"
         )
     decision: dict[str, Any] = {"mode": mode, "threshold": threshold}
     if streamable:
