@@ -161,9 +161,11 @@ def _copy_other_files(src: Path, dst: Path, skip) -> None:
 
 
 def _is_dense_weight(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name in (
-        _DENSE_INDEX,
-        "pytorch_model.bin.index.json",
+    """The weight files ``from_pretrained`` would read (other files, e.g. a tokenizer .bin, are copied)."""
+    return (
+        name.endswith(".safetensors")
+        or (name.startswith("pytorch_model") and name.endswith(".bin"))
+        or name in (_DENSE_INDEX, "pytorch_model.bin.index.json")
     )
 
 
