@@ -58,41 +58,46 @@ def encode(t: torch.Tensor, nm: tuple[int, int] | None = None) -> tuple[dict[str
         return None
     t = t.detach().cpu()
     bits = _bits(t)
-    stored = bits != 0
-    n_stored = int(stored.sum())
+    flat = bits.reshape(-1).numpy()
+    stored = flat != 0
+    n_stored = int(np.count_nonzero(stored))
     size = t.element_size()
     entry: dict[str, Any] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
     if nm is not None:
-        out = _encode_nm(bits, stored, nm)
-        if out is not None and out[0] * size + out[1].numel() < t.numel() * size:
-            _, index, sel = out
-            values = bits.reshape(-1)[sel.reshape(-1)].view(t.dtype)
-            return {"values": values, "index": index}, {**entry, "layout": "nm", "n": nm[0], "m": nm[1]}
+        out = _encode_nm(flat, stored, nm, t.shape[-1])
+        if out is not None and out[0].size * size + out[1].size < t.numel() * size:
+            values, index = (torch.from_numpy(a) for a in out)
+            return {"values": values.view(t.dtype), "index": index}, {**entry, "layout": "nm", "n": nm[0], "m": nm[1]}
     if n_stored * size + (t.numel() + 7) // 8 >= t.numel() * size:
         return None
-    flat = stored.reshape(-1)
-    values = bits.reshape(-1)[flat].view(t.dtype)
-    return {"values": values, "mask": _pack(flat)}, {**entry, "layout": "bitmask"}
+    # flatnonzero + take is branch-free: 3-4x faster than boolean indexing (numpy's or torch's).
+    values = torch.from_numpy(flat.take(np.flatnonzero(stored))).view(t.dtype)
+    mask = torch.from_numpy(np.packbits(stored, bitorder="little"))
+    return {"values": values, "mask": mask}, {**entry, "layout": "bitmask"}
 
 
-def _encode_nm(bits: torch.Tensor, stored: torch.Tensor, nm: tuple[int, int]):
-    """``(stored count, packed index, selection)`` in the N:M layout, or None if it does not fit."""
+def _encode_nm(flat: np.ndarray, stored: np.ndarray, nm: tuple[int, int], width: int):
+    """``(values' bits, packed in-group positions)`` in the N:M layout, or None if it does not fit."""
     n, m = nm
     k = m - n
     b = index_bits(m)
-    if not 0 < n < m or k * b > m or bits.shape[-1] % m:
+    if not 0 < n < m or k * b > m or width % m:
         return None  # the bitmask is smaller (e.g. 4:8), or the rows do not split into groups
     groups = stored.reshape(-1, m)
-    count = groups.sum(1, keepdim=True)
+    count = np.count_nonzero(groups, axis=1)
     if bool((count > k).any()):
         return None
-    # Every stored position, then the first +0.0 positions of the group up to K.
-    zero_rank = (~groups).cumsum(1) - 1
-    sel = groups | (~groups & (zero_rank < (k - count)))
-    pos = torch.arange(m, dtype=torch.int64).expand_as(groups)[sel]
-    shifts = torch.arange(b, dtype=torch.int64)
-    flags = ((pos.unsqueeze(1) >> shifts) & 1).to(torch.bool)
-    return groups.shape[0] * k, _pack(flags), sel
+    short = np.flatnonzero(count < k)
+    if short.size:  # pad these groups with their first +0.0 positions up to K
+        sel = groups.copy()
+        g = groups[short]
+        zero_rank = np.cumsum(~g, axis=1) - 1
+        sel[short] |= ~g & (zero_rank < (k - count[short])[:, None])
+        groups = sel
+    pos = np.flatnonzero(groups)
+    local = pos % m
+    flags = ((local[:, None] >> np.arange(b)) & 1).astype(np.bool_)
+    return flat.take(pos), np.packbits(flags.reshape(-1), bitorder="little")
 
 
 def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -107,11 +112,13 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         raise ValueError(f"values are {values.dtype} {tuple(values.shape)}, expected 1-D {dtype}")
     vbits = _bits(values)
     if entry["layout"] == "bitmask":
-        stored = torch.from_numpy(_unpack(parts["mask"], numel).view(np.bool_))
-        if int(stored.sum()) != values.numel():
-            raise ValueError(f"the mask marks {int(stored.sum())} values, the file holds {values.numel()}")
+        stored = _unpack(parts["mask"], numel).view(np.bool_)
+        marked = int(np.count_nonzero(stored))
+        if marked != values.numel():
+            raise ValueError(f"the mask marks {marked} values, the file holds {values.numel()}")
         out = torch.zeros(numel, dtype=vbits.dtype)
-        out[stored] = vbits
+        # A scatter to the stored positions is branch-free: several times faster than out[stored] = values.
+        out.scatter_(0, torch.from_numpy(np.flatnonzero(stored)), vbits)
         return out.view(dtype).reshape(shape)
     if entry["layout"] == "nm":
         n, m = int(entry["n"]), int(entry["m"])
@@ -121,13 +128,17 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         groups = numel // m
         if values.numel() != groups * k:
             raise ValueError(f"holds {values.numel()} values, expected {groups * k}")
-        flags = _unpack(parts["index"], groups * k * b).reshape(-1, b).astype(np.int64)
-        pos = torch.from_numpy(flags @ (1 << np.arange(b, dtype=np.int64))).reshape(groups, k)
+        flags = _unpack(parts["index"], groups * k * b).reshape(-1, b)
+        local = np.zeros(groups * k, dtype=np.int64)
+        for bit in range(b):
+            local |= flags[:, bit].astype(np.int64) << bit
         # Positions strictly increase within a group: none out of range, none twice.
-        if bool((pos >= m).any()) or (k > 1 and bool((pos[:, 1:] <= pos[:, :-1]).any())):
+        per_group = local.reshape(groups, k)
+        if bool((local >= m).any()) or (k > 1 and bool((per_group[:, 1:] <= per_group[:, :-1]).any())):
             raise ValueError("in-group positions out of order or out of range")
-        out = torch.zeros(groups, m, dtype=vbits.dtype)
-        out.scatter_(1, pos, vbits.reshape(groups, k))
+        pos = local + np.repeat(np.arange(groups, dtype=np.int64) * m, k)
+        out = torch.zeros(numel, dtype=vbits.dtype)
+        out.scatter_(0, torch.from_numpy(pos), vbits)
         return out.view(dtype).reshape(shape)
     raise ValueError(f"unknown layout {entry['layout']!r}")
 
