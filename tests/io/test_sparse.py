@@ -183,6 +183,21 @@ def test_saved_sparse_folder_loads_bit_identical_to_the_dense_save(tmp_path, dty
     assert "d2prune unpack" in (tmp_path / "sparse" / "README.md").read_text()
 
 
+def test_the_sparse_save_writes_no_dense_shard_first(tmp_path, monkeypatch):
+    # Each shard is encoded as save_pretrained hands it over; converting dense files is only a fallback.
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("dense shards were written and converted")
+
+    monkeypatch.setattr(sparse, "sparsify_folder", no_conversion)
+    model = _tiny_pruned(torch.float32)
+    save_pruned(model, None, tmp_path / "s", _record(), save_format="sparse")
+    assert _state_bits_equal(sparse.load_pretrained(tmp_path / "s"), model)
+    import transformers.modeling_utils as tm
+    from safetensors.torch import save_file
+
+    assert tm.safe_save_file is save_file  # put back
+
+
 def test_pack_and_unpack_give_back_the_dense_files_byte_for_byte(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -286,11 +301,11 @@ def test_an_interrupted_pack_leaves_nothing_that_looks_complete(tmp_path, monkey
     real_save = sparse._save
     calls = []
 
-    def save_then_stop(tensors, path):
+    def save_then_stop(tensors, path, metadata):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        real_save(tensors, path)
+        real_save(tensors, path, metadata)
 
     monkeypatch.setattr(sparse, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):

@@ -114,7 +114,7 @@ def save_model_folder(
     out_dir: str | Path,
     extra_json: dict[str, dict],
     replace: bool = True,
-    finish: Callable[[Path], Any] | None = None,
+    save_weights: Callable[[Any, Path], Any] | None = None,
 ) -> Path:
     """``save_pretrained`` model + tokenizer + JSON files (``{file name: record}``) into ``out_dir``
     atomically (:func:`d2prune.io.atomic.atomic_folder`). Returns the absolute ``out_dir``.
@@ -132,7 +132,10 @@ def save_model_folder(
         if use_cache is False:
             config.use_cache = True  # the saved model is for inference; we disable it only while pruning
         try:
-            model.save_pretrained(tmp)
+            if save_weights is None:
+                model.save_pretrained(tmp)
+            else:
+                save_weights(model, tmp)
         finally:
             if use_cache is False:
                 config.use_cache = False
@@ -140,6 +143,4 @@ def save_model_folder(
             tokenizer.save_pretrained(tmp)
         for fname, text in payloads.items():
             (tmp / fname).write_text(text, encoding="utf-8")  # atomic_folder fsyncs it before the rename
-        if finish is not None:
-            finish(tmp)
     return out_dir

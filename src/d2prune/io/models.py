@@ -34,7 +34,13 @@ from d2prune.io.gguf import (
     load_gguf_cached,
     smollm2_gguf,
 )
-from d2prune.io.sparse import is_sparse_folder, load_pretrained, load_sparse, sparsify_folder  # noqa: F401
+from d2prune.io.sparse import (  # noqa: F401
+    is_sparse_folder,
+    load_pretrained,
+    load_sparse,
+    save_pretrained_sparse,
+    sparsify_folder,
+)
 
 SPARSITY_FILE = "sparsity.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -167,20 +173,21 @@ SAVE_FORMATS = ("dense", "sparse")
 def save_pruned(model, tokenizer, out_dir: str | Path, sparsity_record: dict, save_format: str = "dense") -> Path:
     """Save model (safetensors) + tokenizer + ``sparsity.json`` into ``out_dir`` atomically.
 
-    ``save_format="sparse"`` stores the weights compactly (:mod:`d2prune.io.sparse`): the dense save
-    is written into the temp folder and converted there, shard by shard, before the folder is
-    published. Everything is written into ``out_dir.parent/.{name}.tmp-<pid>`` and renamed to ``out_dir`` only once
+    ``save_format="sparse"`` stores the weights compactly (:mod:`d2prune.io.sparse`), each shard
+    encoded as ``save_pretrained`` writes it. Everything is written into ``out_dir.parent/.{name}.tmp-<pid>`` and renamed to ``out_dir`` only once
     complete; an existing non-empty ``out_dir`` is renamed aside, replaced, then deleted. Returns the
     absolute ``out_dir``.
     """
     if not isinstance(sparsity_record, dict):
         raise TypeError(f"sparsity_record must be a dict, got {type(sparsity_record).__name__}")
     check_save_format(save_format)
-    finish = None
+    save_weights = None
     if save_format == "sparse":
         nm = sparse_pattern(sparsity_record)
-        finish = lambda tmp: sparsify_folder(tmp, nm)  # noqa: E731
-    return save_model_folder(model, tokenizer, Path(out_dir), {SPARSITY_FILE: sparsity_record}, finish=finish)
+        save_weights = lambda m, tmp: save_pretrained_sparse(m, tmp, nm)  # noqa: E731
+    return save_model_folder(
+        model, tokenizer, Path(out_dir), {SPARSITY_FILE: sparsity_record}, save_weights=save_weights
+    )
 
 
 def check_save_format(save_format: str) -> None:

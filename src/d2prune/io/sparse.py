@@ -100,11 +100,35 @@ def _dense_shards(folder: Path) -> tuple[list[str], dict | None]:
     )
 
 
-def _save(tensors: dict, path: Path) -> None:
+def _save(tensors: dict, path: Path, metadata: dict[str, str] | None) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates the file owner-only; save_pretrained's are world-readable
+
+
+def _encode_shard(tensors, nm: tuple[int, int] | None, file: str, entries: dict[str, dict]) -> dict[str, Any]:
+    """The stored tensors of one sparse shard ``file``; each tensor's index entry goes into ``entries``."""
+    from d2prune.io.sparse_codec import SEP, encode
+
+    out: dict[str, Any] = {}
+    for name, t in tensors:
+        enc = encode(t, nm)
+        if enc is None:
+            out[name] = t
+            entries[name] = {"layout": "dense", "file": file}
+        else:
+            parts, entry = enc
+            out.update({f"{name}{SEP}{k}": v for k, v in parts.items()})
+            entries[name] = {**entry, "file": file}
+    return out
+
+
+def _write_index(folder: Path, files: dict[str, str], metadata: dict | None, tensors: dict[str, dict]) -> dict:
+    index = {"format": FORMAT, "version": VERSION, "files": files, "dense_index_metadata": metadata, "tensors": tensors}
+    write_synced(folder / SPARSE_INDEX, json.dumps(index, indent=1) + "\n")
+    write_synced(folder / _README, README_TEXT)
+    return index
 
 
 def sparsify_folder(folder: str | Path, nm: tuple[int, int] | None = None, src: str | Path | None = None) -> dict:
@@ -112,45 +136,67 @@ def sparsify_folder(folder: str | Path, nm: tuple[int, int] | None = None, src: 
     and its ``model.sparse.json``; in place, each dense shard is deleted once converted. Returns the index."""
     from safetensors import SafetensorError, safe_open
 
-    from d2prune.io.sparse_codec import SEP, encode
-
     folder = Path(folder)
     src = Path(src) if src is not None else folder
     files, metadata = _dense_shards(src)
     tensors: dict[str, dict] = {}
     for file in files:
         path = src / file
-        out: dict[str, Any] = {}
         try:
             with safe_open(str(path), framework="pt") as fh:
-                for name in fh.keys():
-                    t = fh.get_tensor(name)
-                    enc = encode(t, nm)
-                    if enc is None:
-                        out[name] = t
-                        tensors[name] = {"layout": "dense", "file": sparse_name(file)}
-                    else:
-                        parts, entry = enc
-                        out.update({f"{name}{SEP}{k}": v for k, v in parts.items()})
-                        tensors[name] = {**entry, "file": sparse_name(file)}
+                shard_metadata = fh.metadata()
+                out = _encode_shard(((n, fh.get_tensor(n)) for n in fh.keys()), nm, sparse_name(file), tensors)
         except (OSError, SafetensorError) as exc:
             raise UserError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
-        _save(out, folder / sparse_name(file))
+        _save(out, folder / sparse_name(file), shard_metadata)
         del out
         if src == folder:
             path.unlink()
     if src == folder:
         (folder / _DENSE_INDEX).unlink(missing_ok=True)
-    index = {
-        "format": FORMAT,
-        "version": VERSION,
-        "files": {sparse_name(f): f for f in files},
-        "dense_index_metadata": metadata,
-        "tensors": tensors,
-    }
-    write_synced(folder / SPARSE_INDEX, json.dumps(index, indent=1) + "\n")
-    write_synced(folder / _README, README_TEXT)
-    return index
+    return _write_index(folder, {sparse_name(f): f for f in files}, metadata, tensors)
+
+
+def save_pretrained_sparse(model, folder: str | Path, nm: tuple[int, int] | None = None) -> dict:
+    """``model.save_pretrained(folder)``, each shard written sparse as transformers hands it over.
+
+    transformers' own shard contents (names, tied weights left out, dtype) are kept, without
+    writing the dense shards first: its ``safe_save_file`` is swapped for the sparse writer for
+    the duration of the call (d2prune saves from one thread). Should a transformers version write
+    its shards another way, the dense shards it wrote are converted afterwards."""
+    import transformers.modeling_utils as tm
+
+    folder = Path(folder)
+    tensors: dict[str, dict] = {}
+    files: dict[str, str] = {}
+    original = getattr(tm, "safe_save_file", None)
+
+    def write_sparse(shard: dict, filename: str, metadata: dict | None = None) -> None:
+        dense = Path(filename).name
+        files[sparse_name(dense)] = dense
+        out = _encode_shard(shard.items(), nm, sparse_name(dense), tensors)
+        _save(out, Path(filename).parent / sparse_name(dense), metadata)
+
+    if original is not None:
+        tm.safe_save_file = write_sparse
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if original is not None:
+            tm.safe_save_file = original
+    if (
+        not files
+        or any(folder.glob("model*.safetensors"))
+        and not all(p.name.endswith(".sparse.safetensors") for p in folder.glob("model*.safetensors"))
+    ):
+        for name in files:  # a mixed folder cannot happen in practice; start over from the dense files
+            (folder / name).unlink(missing_ok=True)
+        return sparsify_folder(folder, nm)
+    metadata = None
+    if (folder / _DENSE_INDEX).is_file():
+        metadata = json.loads((folder / _DENSE_INDEX).read_text(encoding="utf-8")).get("metadata") or {}
+        (folder / _DENSE_INDEX).unlink()
+    return _write_index(folder, files, metadata, tensors)
 
 
 def _copy_other_files(src: Path, dst: Path, skip) -> None:
@@ -252,6 +298,13 @@ def read_state_dict(folder: str | Path) -> dict[str, Any]:
     return state
 
 
+def _file_metadata(path: Path) -> dict[str, str] | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:  # read_shard has checked the file already
+        return fh.metadata()
+
+
 def unpack_folder(src: str | Path, dst: str | Path) -> Path:
     """Write the plain dense folder (``from_pretrained`` loads it) of the sparse folder ``src`` to ``dst``."""
     src = Path(src).expanduser()
@@ -264,7 +317,7 @@ def unpack_folder(src: str | Path, dst: str | Path) -> Path:
         for file, entries in _by_file(index).items():
             tensors = read_shard(src, file, entries)
             dense = index["files"][file]
-            _save({k: v.contiguous() for k, v in tensors.items()}, tmp / dense)
+            _save({k: v.contiguous() for k, v in tensors.items()}, tmp / dense, _file_metadata(src / file))
             weight_map.update({name: dense for name in entries})
             del tensors
         if index.get("dense_index_metadata") is not None:
