@@ -12,15 +12,16 @@ Two layouts (``name#values`` holds the stored values in the tensor's own dtype, 
 - ``bitmask``: ``name#mask``, one bit per element (``numpy.packbits``, little bit order).
 - ``nm``: for an N:M pattern (N zeros in each group of M consecutive inputs of a row, K = M - N
   kept), ``name#index``: K in-group positions per group, ⌈log2 M⌉ bits each, packed the same way
-  (2:4 → two 2-bit indices per group, the layout of semi-structured sparse kernels). Used when it
-  is no bigger than the bitmask and every group has at most K stored positions; a group with fewer
-  stores its first ``+0.0`` positions as padding.
+  (2:4 → two 2-bit indices per group, the layout of semi-structured sparse kernels). Used when
+  M ≤ 8, it is no bigger than the bitmask and every group has at most K stored positions; a group
+  with fewer stores its first ``+0.0`` positions as padding.
 
 ``encode`` returns None when the encoding would not be smaller than the dense tensor.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -76,28 +77,57 @@ def encode(t: torch.Tensor, nm: tuple[int, int] | None = None) -> tuple[dict[str
     return {"values": values, "mask": mask}, {**entry, "layout": "bitmask"}
 
 
+@functools.cache
+def _nm_tables(m: int, k: int) -> tuple[np.ndarray, ...]:
+    """Lookup tables over one group (M ≤ 8 bits): its stored-positions bits → (code, selected bits,
+    fits), and code → (selected bits, valid). A code is the K selected positions in increasing order,
+    ⌈log2 M⌉ bits each, little-endian; a group with fewer than K stored positions selects its first
+    +0.0 positions too."""
+    b = index_bits(m)
+    code = np.zeros(1 << m, np.uint8)
+    sel = np.zeros(1 << m, np.uint8)
+    fits = np.zeros(1 << m, np.bool_)
+    for v in range(1 << m):
+        pos = [j for j in range(m) if v >> j & 1]
+        if len(pos) <= k:
+            pos = sorted(pos + [j for j in range(m) if not v >> j & 1][: k - len(pos)])
+            code[v] = sum(p << (i * b) for i, p in enumerate(pos))
+            sel[v] = sum(1 << p for p in pos)
+            fits[v] = True
+    code_sel = np.zeros(1 << (k * b), np.uint8)
+    code_ok = np.zeros(1 << (k * b), np.bool_)
+    for c in range(1 << (k * b)):
+        pos = [(c >> (i * b)) & ((1 << b) - 1) for i in range(k)]
+        if all(p < m for p in pos) and all(x < y for x, y in zip(pos, pos[1:])):
+            code_sel[c] = sum(1 << p for p in pos)
+            code_ok[c] = True
+    return code, sel, fits, code_sel, code_ok
+
+
+def _group_bits(flags: np.ndarray, width: int) -> np.ndarray:
+    """Each row of ``width`` ≤ 8 flags as one little-endian byte."""
+    return np.packbits(flags, axis=1, bitorder="little").reshape(-1)
+
+
+def _bytes_to_flags(values: np.ndarray, width: int) -> np.ndarray:
+    return np.unpackbits(values[:, None], axis=1, count=width, bitorder="little")
+
+
 def _encode_nm(flat: np.ndarray, stored: np.ndarray, nm: tuple[int, int], width: int):
-    """``(values' bits, packed in-group positions)`` in the N:M layout, or None if it does not fit."""
+    """``(values' bits, packed in-group positions)`` in the N:M layout, or None if it does not fit.
+
+    Table lookups over whole groups (bytes), no per-element arithmetic: as fast as the bitmask."""
     n, m = nm
     k = m - n
     b = index_bits(m)
-    if not 0 < n < m or k * b > m or width % m:
-        return None  # the bitmask is smaller (e.g. 4:8), or the rows do not split into groups
-    groups = stored.reshape(-1, m)
-    count = np.count_nonzero(groups, axis=1)
-    if bool((count > k).any()):
-        return None
-    short = np.flatnonzero(count < k)
-    if short.size:  # pad these groups with their first +0.0 positions up to K
-        sel = groups.copy()
-        g = groups[short]
-        zero_rank = np.cumsum(~g, axis=1) - 1
-        sel[short] |= ~g & (zero_rank < (k - count[short])[:, None])
-        groups = sel
-    pos = np.flatnonzero(groups)
-    local = pos % m
-    flags = ((local[:, None] >> np.arange(b)) & 1).astype(np.bool_)
-    return flat.take(pos), np.packbits(flags.reshape(-1), bitorder="little")
+    if not 0 < n < m or m > 8 or k * b > m or width % m:
+        return None  # the bitmask is as small (e.g. 4:8), or the rows do not split into groups
+    code, sel, fits, _, _ = _nm_tables(m, k)
+    groups = _group_bits(stored.reshape(-1, m), m)
+    if not bool(fits[groups].all()):
+        return None  # a group stores more than K positions (e.g. a -0.0 among its pruned weights)
+    pos = np.flatnonzero(_bytes_to_flags(sel[groups], m))
+    return flat.take(pos), np.packbits(_bytes_to_flags(code[groups], k * b), bitorder="little")
 
 
 def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,15 +158,14 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         groups = numel // m
         if values.numel() != groups * k:
             raise ValueError(f"holds {values.numel()} values, expected {groups * k}")
-        flags = _unpack(parts["index"], groups * k * b).reshape(-1, b)
-        local = np.zeros(groups * k, dtype=np.int64)
-        for bit in range(b):
-            local |= flags[:, bit].astype(np.int64) << bit
+        if m > 8:
+            raise ValueError(f"pattern {n}:{m}: the nm layout covers groups of at most 8")
+        _, _, _, code_sel, code_ok = _nm_tables(m, k)
+        codes = _group_bits(_unpack(parts["index"], groups * k * b).reshape(groups, k * b), k * b)
         # Positions strictly increase within a group: none out of range, none twice.
-        per_group = local.reshape(groups, k)
-        if bool((local >= m).any()) or (k > 1 and bool((per_group[:, 1:] <= per_group[:, :-1]).any())):
+        if not bool(code_ok[codes].all()):
             raise ValueError("in-group positions out of order or out of range")
-        pos = local + np.repeat(np.arange(groups, dtype=np.int64) * m, k)
+        pos = np.flatnonzero(_bytes_to_flags(code_sel[codes], m))
         out = torch.zeros(numel, dtype=vbits.dtype)
         out.scatter_(0, torch.from_numpy(pos), vbits)
         return out.view(dtype).reshape(shape)
