@@ -112,15 +112,17 @@ def _encode_shard(tensors, nm: tuple[int, int] | None, file: str, entries: dict[
     from d2prune.io.sparse_codec import SEP, encode
 
     out: dict[str, Any] = {}
-    for name, t in tensors:
-        enc = encode(t, nm)
-        if enc is None:
-            out[name] = t
-            entries[name] = {"layout": "dense", "file": file}
-        else:
-            parts, entry = enc
-            out.update({f"{name}{SEP}{k}": v for k, v in parts.items()})
-            entries[name] = {**entry, "file": file}
+    with _pool() as pool:
+        jobs = [(name, t, pool.submit(encode, t, nm)) for name, t in tensors]
+        for name, t, job in jobs:  # in the shard's order
+            enc = job.result()
+            if enc is None:
+                out[name] = t
+                entries[name] = {"layout": "dense", "file": file}
+            else:
+                parts, entry = enc
+                out.update({f"{name}{SEP}{k}": v for k, v in parts.items()})
+                entries[name] = {**entry, "file": file}
     return out
 
 
@@ -266,8 +268,9 @@ def read_shard(folder: Path, file: str, entries: dict[str, dict]) -> dict[str, A
     path = folder / file
     out: dict[str, Any] = {}
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="pt") as fh, _pool() as pool:
             keys = set(fh.keys())
+            pending = {}
             for name, entry in entries.items():
                 if entry["layout"] == "dense":
                     out[name] = fh.get_tensor(name)
@@ -276,10 +279,18 @@ def read_shard(folder: Path, file: str, entries: dict[str, dict]) -> dict[str, A
                 parts = {k: fh.get_tensor(f"{name}{SEP}{k}") for k in wanted if f"{name}{SEP}{k}" in keys}
                 if len(parts) != len(wanted):
                     raise ValueError(f"{name}: stored parts missing")
-                out[name] = decode(entry, parts)
+                pending[name] = pool.submit(decode, entry, parts)
+            out.update({name: job.result() for name, job in pending.items()})
     except Exception as exc:  # safetensors' SafetensorError, a damaged header or body, a part that does not fit
         raise UserError(f"{path} is damaged or not a d2prune sparse file: {str(exc).splitlines()[0][:200]}") from None
     return out
+
+
+def _pool():
+    """Threads for the codec: numpy and torch release the GIL in its bulk operations."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
 
 def _by_file(index: dict) -> dict[str, dict[str, dict]]:
