@@ -115,3 +115,17 @@ def test_sparse_command_mistakes_give_one_line_and_exit_2(tmp_path):
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (args, err)
         assert "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+@needs_assets
+def test_streaming_from_a_sparse_folder_prunes_like_the_dense_one(tmp_path, cache):
+    from transformers import AutoModelForCausalLM
+
+    sparse.pack_folder(TINY, tmp_path / "packed")  # an unpruned model: stored dense, in the sparse format
+    args = ["--method", "magnitude", "--offload", "disk", "--eval", "none", *QUICK_CLI]
+    assert main(["prune", str(tmp_path / "packed"), *args, "--output-dir", str(tmp_path / "a")]) == 0
+    assert main(["prune", str(TINY), *args, "--output-dir", str(tmp_path / "b")]) == 0
+    out = tmp_path / "a" / "model"
+    assert not sparse.is_sparse_folder(out) and not (out / "README.md").exists()
+    a = AutoModelForCausalLM.from_pretrained(out)
+    assert _bits_equal(a, AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model"))

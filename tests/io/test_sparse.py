@@ -60,7 +60,8 @@ def test_2_4_layout_against_a_hand_made_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "pattern,layout", [("unstructured", "bitmask"), ("2:4", "nm"), ("4:8", "bitmask"), ("3:4", "nm")]
+    "pattern,layout",
+    [("unstructured", "bitmask"), ("2:4", "nm"), ("4:8", "bitmask"), ("3:4", "nm"), ("6:8", "nm"), ("1:2", "nm")],
 )
 def test_round_trip_is_bit_identical(dtype, pattern, layout):
     w = _pruned(16, 64, dtype, pattern)

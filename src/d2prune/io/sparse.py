@@ -63,6 +63,13 @@ def is_sparse_folder(path: str | os.PathLike) -> bool:
     return (Path(path).expanduser() / SPARSE_INDEX).is_file()
 
 
+def is_sparse_file(path: Path) -> bool:
+    """A file of a sparse folder that a dense copy of it must not carry (index, shards, our README)."""
+    if path.name == SPARSE_INDEX or path.name.endswith(".sparse.safetensors"):
+        return True
+    return path.name == _README and path.read_text(encoding="utf-8", errors="replace").startswith(_README_MARK)
+
+
 def sparse_name(dense_file: str) -> str:
     """``model-00001-of-00002.safetensors`` → ``model-00001-of-00002.sparse.safetensors``."""
     return dense_file.removesuffix(".safetensors") + ".sparse.safetensors"
@@ -186,12 +193,9 @@ def save_pretrained_sparse(model, folder: str | Path, nm: tuple[int, int] | None
     finally:
         if original is not None:
             tm.safe_save_file = original
-    if (
-        not files
-        or any(folder.glob("model*.safetensors"))
-        and not all(p.name.endswith(".sparse.safetensors") for p in folder.glob("model*.safetensors"))
-    ):
-        for name in files:  # a mixed folder cannot happen in practice; start over from the dense files
+    dense_left = [p for p in folder.glob("*.safetensors") if not p.name.endswith(".sparse.safetensors")]
+    if not files or dense_left:
+        for name in files:  # some shards went around the hook: start over from the dense files
             (folder / name).unlink(missing_ok=True)
         return sparsify_folder(folder, nm)
     metadata = None
@@ -335,12 +339,7 @@ def unpack_folder(src: str | Path, dst: str | Path) -> Path:
             body = {"metadata": index["dense_index_metadata"], "weight_map": dict(sorted(weight_map.items()))}
             write_synced(tmp / _DENSE_INDEX, json.dumps(body, indent=2) + "\n")
 
-        def skip(name: str) -> bool:
-            if name == _README:
-                return (src / name).read_text(encoding="utf-8", errors="replace").startswith(_README_MARK)
-            return name == SPARSE_INDEX or name.endswith(".sparse.safetensors") or _is_dense_weight(name)
-
-        _copy_other_files(src, tmp, skip)
+        _copy_other_files(src, tmp, lambda name: is_sparse_file(src / name) or _is_dense_weight(name))
     return dst
 
 

@@ -104,13 +104,39 @@ def _nm_tables(m: int, k: int) -> tuple[np.ndarray, ...]:
     return code, sel, fits, code_sel, code_ok
 
 
-def _group_bits(flags: np.ndarray, width: int) -> np.ndarray:
-    """Each row of ``width`` ≤ 8 flags as one little-endian byte."""
-    return np.packbits(flags, axis=1, bitorder="little").reshape(-1)
+def _pack_fields(values: np.ndarray, width: int) -> np.ndarray:
+    """``values`` (uint8, each < 2**width) as one little-endian stream of ``width``-bit fields."""
+    if 8 % width:  # 3 or 6 bits: through single bits (slower, and rare)
+        flags = np.unpackbits(values[:, None], axis=1, count=width, bitorder="little")
+        return np.packbits(flags.reshape(-1), bitorder="little")
+    per = 8 // width
+    padded = np.zeros(-(-values.size // per) * per, np.uint8)
+    padded[: values.size] = values
+    padded = padded.reshape(-1, per)
+    out = padded[:, 0].copy()
+    for j in range(1, per):  # whole bytes at a time: np.packbits along a short axis is ~50x slower
+        out |= padded[:, j] << np.uint8(width * j)
+    return out
 
 
-def _bytes_to_flags(values: np.ndarray, width: int) -> np.ndarray:
-    return np.unpackbits(values[:, None], axis=1, count=width, bitorder="little")
+def _unpack_fields(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """The first ``count`` ``width``-bit fields of a stream written by :func:`_pack_fields`."""
+    if packed.size != -(-count * width // 8):
+        raise ValueError(f"holds {packed.size} bytes, expected {-(-count * width // 8)}")
+    if 8 % width:
+        flags = np.unpackbits(packed, count=count * width, bitorder="little").reshape(count, width)
+        return np.packbits(flags, axis=1, bitorder="little").reshape(-1)
+    per = 8 // width
+    out = np.empty((packed.size, per), np.uint8)
+    for j in range(per):
+        out[:, j] = (packed >> np.uint8(width * j)) & np.uint8((1 << width) - 1)
+    return out.reshape(-1)[:count]
+
+
+def _selected_positions(group_sel: np.ndarray, m: int, numel: int) -> np.ndarray:
+    """Flat positions of the selected bits of each group (``group_sel``: one byte of M flags per group)."""
+    flags = np.unpackbits(_pack_fields(group_sel, m), count=numel, bitorder="little")
+    return np.flatnonzero(flags.view(np.bool_))  # nonzero has a fast path for bool, not for uint8
 
 
 def _encode_nm(flat: np.ndarray, stored: np.ndarray, nm: tuple[int, int], width: int):
@@ -123,11 +149,11 @@ def _encode_nm(flat: np.ndarray, stored: np.ndarray, nm: tuple[int, int], width:
     if not 0 < n < m or m > 8 or k * b > m or width % m:
         return None  # the bitmask is as small (e.g. 4:8), or the rows do not split into groups
     code, sel, fits, _, _ = _nm_tables(m, k)
-    groups = _group_bits(stored.reshape(-1, m), m)
+    groups = _unpack_fields(np.packbits(stored, bitorder="little"), m, stored.size // m)
     if not bool(fits[groups].all()):
         return None  # a group stores more than K positions (e.g. a -0.0 among its pruned weights)
-    pos = np.flatnonzero(_bytes_to_flags(sel[groups], m))
-    return flat.take(pos), np.packbits(_bytes_to_flags(code[groups], k * b), bitorder="little")
+    pos = _selected_positions(sel[groups], m, stored.size)
+    return flat.take(pos), _pack_fields(code[groups], k * b)
 
 
 def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -161,11 +187,11 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if m > 8:
             raise ValueError(f"pattern {n}:{m}: the nm layout covers groups of at most 8")
         _, _, _, code_sel, code_ok = _nm_tables(m, k)
-        codes = _group_bits(_unpack(parts["index"], groups * k * b).reshape(groups, k * b), k * b)
+        codes = _unpack_fields(parts["index"].numpy(), k * b, groups)
         # Positions strictly increase within a group: none out of range, none twice.
         if not bool(code_ok[codes].all()):
             raise ValueError("in-group positions out of order or out of range")
-        pos = np.flatnonzero(_bytes_to_flags(code_sel[codes], m))
+        pos = _selected_positions(code_sel[codes], m, numel)
         out = torch.zeros(numel, dtype=vbits.dtype)
         out.scatter_(0, torch.from_numpy(pos), vbits)
         return out.view(dtype).reshape(shape)

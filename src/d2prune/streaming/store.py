@@ -165,6 +165,7 @@ class StreamedStore(StreamingLayers):
         complete-looking folder, only the work folder a new run clears."""
         from d2prune.io.folders import record_text
         from d2prune.io.models import SPARSITY_FILE
+        from d2prune.io.sparse import is_sparse_file
 
         streamed = self.streamed
         # Activation files an interrupted run left (e.g. other ranks' when one process resumed a
@@ -197,6 +198,7 @@ class StreamedStore(StreamingLayers):
                 and not src.name.startswith(".")
                 and src.name not in _NOT_COPIED
                 and not src.name.endswith(_NOT_COPIED_SUFFIXES)
+                and not is_sparse_file(src)  # streamed from a sparse folder: the output is dense
             ):
                 shutil.copyfile(src, self.work / src.name)
         write_synced(self.work / SPARSITY_FILE, record_text(sparsity_record))
