@@ -338,7 +338,6 @@ def unpack_folder(src: str | Path, dst: str | Path) -> Path:
         if index.get("dense_index_metadata") is not None:
             body = {"metadata": index["dense_index_metadata"], "weight_map": dict(sorted(weight_map.items()))}
             write_synced(tmp / _DENSE_INDEX, json.dumps(body, indent=2) + "\n")
-
         _copy_other_files(src, tmp, lambda name: is_sparse_file(src / name) or _is_dense_weight(name))
     return dst
 
@@ -357,9 +356,11 @@ def load_sparse(folder: str | Path, dtype: str | None = None, tokenizer: bool = 
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not read the config of {folder}: {exc}") from None
-    if dtype is None:
+    if dtype is None:  # as dtype="auto" would: the config's dtype, else the stored one
         stored = [t.dtype for t in state.values() if t.is_floating_point()]
-        torch_type = stored[0] if stored else torch.float32
+        torch_type = getattr(config, "dtype", None)
+        if not isinstance(torch_type, torch.dtype):
+            torch_type = stored[0] if stored else torch.float32
     else:
         torch_type = torch_dtype(dtype)
     # The concrete class AutoModelForCausalLM would pick: the auto class needs a path, not a state dict.
