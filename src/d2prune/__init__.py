@@ -7,6 +7,7 @@ report = d2prune.prune(model, calibration_ids, d2prune.PruneConfig(method="d2pru
 from d2prune.api import prune
 from d2prune.config import PruneConfig
 from d2prune.errors import UserError
+from d2prune.io.sparse_load import load_pretrained
 from d2prune.methods import (
     METHODS,
     ALPSConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "PruneReport",
     "LinearReport",
     "UserError",
+    "load_pretrained",
     "METHODS",
     "MethodConfig",
     "ALPSConfig",

@@ -46,6 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="merged",
         help="OUTPUT_DIR/model (merged, plain transformers), OUTPUT_DIR/adapter (masked LoRA), both, none",
     )
+    ft.add_argument(
+        "--save-format",
+        choices=["dense", "sparse"],
+        default="dense",
+        help="of the merged model: dense (default, plain transformers) or sparse (kept values + 1-bit mask)",
+    )
     ft.add_argument("--eval-before", action="store_true", help="also measure perplexity before fine-tuning")
 
 
@@ -79,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     common.check_model_options(args)
     if args.offload == "disk":
         raise UserError("finetune trains the whole model in memory; --offload disk applies to prune and eval")
+    if args.save_format != "dense" and args.save not in ("merged", "both"):
+        raise UserError(f"--save-format {args.save_format} describes the merged model: use --save merged or both")
     args.offload = "none"
     offload = common.offload_policy(args)
     common.check_data_options(args)
@@ -163,7 +171,9 @@ def train_evaluate_save(args: argparse.Namespace, model, tokenizer, record: dict
             linears={n: z / w for n, (z, w) in after.items()},
             finetune={"base_model": args.model, **info},
         )
-        record["saved_model"] = str(save_pruned(model, tokenizer, output_dir / "model", saved))
+        record["saved_model"] = str(
+            save_pruned(model, tokenizer, output_dir / "model", saved, save_format=args.save_format)
+        )
         timings["save"] = time.perf_counter() - t0
 
     plot = plot_loss(report.loss_curve, output_dir / "loss.png", title=f"masked LoRA on {args.model}")

@@ -1,4 +1,5 @@
-"""The ``d2prune`` parser and entry point: one subcommand module each (prune, eval, finetune, attention)."""
+"""The ``d2prune`` parser and entry point: one subcommand module each (prune, eval, finetune, attention,
+pack, unpack)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,20 @@ import argparse
 import logging
 import sys
 
-from d2prune.cli import attention, common, finetune, prune
+from d2prune.cli import attention, common, finetune, pack, prune, unpack
 from d2prune.cli import eval as eval_command
 from d2prune.cli.options import Parser
 from d2prune.engine import distributed
 from d2prune.errors import UserError
 
-COMMANDS = {"prune": prune, "eval": eval_command, "finetune": finetune, "attention": attention}
+COMMANDS = {
+    "prune": prune,
+    "eval": eval_command,
+    "finetune": finetune,
+    "attention": attention,
+    "pack": pack,
+    "unpack": unpack,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="save the pruned model (to PATH, or OUTPUT_DIR/model)",
     )
+    pr.add_argument(
+        "--save-format",
+        choices=["dense", "sparse"],
+        default="dense",
+        help="dense (default): plain transformers folder; sparse: kept values + 1-bit mask, "
+        "loaded by d2prune (d2prune unpack makes it dense)",
+    )
     pr.add_argument("--no-measure-error", action="store_true", help="skip the reconstruction-error statistic (faster)")
     pr.add_argument(
         "--resume",
@@ -153,6 +160,8 @@ def prune_config(args: argparse.Namespace, output_dir: Path | None, streamed: bo
         raise UserError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.save_model and output_dir is None and args.save_model is True:
         raise UserError("--save-model without a path needs --output-dir")
+    if args.save_format != "dense" and not args.save_model and not streamed:
+        raise UserError(f"--save-format {args.save_format} describes the saved model: add --save-model")
     if streamed:
         check_streamable(args, config, output_dir)
     return config
@@ -205,7 +214,13 @@ def prune_streamed(args: argparse.Namespace, calibration, config, output_dir: Pa
         + (" (in one process, without torchrun)" if distributed.current().size > 1 else "")
     )
     report, model = prune_checkpoint(
-        args.model, calibration, config, target, dtype=args.dtype, resume=bool(args.resume)
+        args.model,
+        calibration,
+        config,
+        target,
+        dtype=args.dtype,
+        resume=bool(args.resume),
+        save_format=args.save_format,
     )
     args.interrupt_hint = None
     record["saved_model"] = str(target)
@@ -269,7 +284,7 @@ def save(
 
     target = Path(args.save_model) if args.save_model is not True else output_dir / "model"
     t0 = time.perf_counter()
-    save_pruned(model, tokenizer, target, report.sparsity_record())
+    save_pruned(model, tokenizer, target, report.sparsity_record(), save_format=args.save_format)
     timings["save"] = time.perf_counter() - t0
     record["saved_model"] = str(target)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,14 @@ def make_savable(model):
     return new
 
 
-def save_model_folder(model, tokenizer, out_dir: str | Path, extra_json: dict[str, dict], replace: bool = True) -> Path:
+def save_model_folder(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    extra_json: dict[str, dict],
+    replace: bool = True,
+    save_weights: Callable[[Any, Path], Any] | None = None,
+) -> Path:
     """``save_pretrained`` model + tokenizer (or image processor) + JSON files (``{file name: record}``) into ``out_dir``
     atomically (:func:`d2prune.io.atomic.atomic_folder`). Returns the absolute ``out_dir``.
 
@@ -253,7 +261,10 @@ def save_model_folder(model, tokenizer, out_dir: str | Path, extra_json: dict[st
         if use_cache is False:
             config.use_cache = True  # the saved model is for inference; we disable it only while pruning
         try:
-            model.save_pretrained(tmp)
+            if save_weights is None:
+                model.save_pretrained(tmp)
+            else:
+                save_weights(model, tmp)
         finally:
             if use_cache is False:
                 config.use_cache = False

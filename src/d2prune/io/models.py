@@ -7,9 +7,11 @@ No pruning logic lives here. The public API:
   classifier's folder gives ``(model, image processor)`` (``is_image_classifier(model)`` tells them apart)
 - ``register_folder_loader(marker, loader)``: teach ``load_model`` another kind of folder
 - ``model_seqlen(model) -> int``
-- ``save_pruned(model, tokenizer, out_dir, sparsity_record) -> Path`` (atomic; the tokenizer may be an
-  image processor)
+- ``save_pruned(model, tokenizer, out_dir, sparsity_record, save_format="dense") -> Path`` (atomic; the
+  tokenizer may be an image processor)
 - ``load_sparsity_record(path) -> dict | None``
+- ``load_pretrained(folder, dtype=None, device="cpu")``: a plain transformers model from a dense or
+  sparse folder (:mod:`d2prune.io.sparse`); ``load_model`` opens sparse folders too
 
 GGUF reading and its on-disk cache live in :mod:`d2prune.io.gguf`, HF-folder reading and atomic
 saving in :mod:`d2prune.io.folders`.
@@ -42,6 +44,8 @@ from d2prune.io.gguf import (
     smollm2_gguf,
 )
 from d2prune.io.integrity import check_model_folder
+from d2prune.io.sparse import is_sparse_folder, save_pretrained_sparse, sparsify_folder  # noqa: F401
+from d2prune.io.sparse_load import load_pretrained, load_sparse  # noqa: F401
 
 SPARSITY_FILE = "sparsity.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -109,6 +113,13 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", *
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
         model, tokenizer = load_gguf_cached(path, path.stem, cache, dtype)
+    elif path.is_dir() and is_sparse_folder(path):
+        try:
+            model, tokenizer = load_sparse(path, dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"could not load model from {path}: {exc}") from None
     elif path.is_dir():
         loader = None
         if not (path / "config.json").is_file():
@@ -161,16 +172,41 @@ def model_seqlen(model) -> int:
     )
 
 
-def save_pruned(model, tokenizer, out_dir: str | Path, sparsity_record: dict) -> Path:
+SAVE_FORMATS = ("dense", "sparse")
+
+
+def save_pruned(model, tokenizer, out_dir: str | Path, sparsity_record: dict, save_format: str = "dense") -> Path:
     """Save model (safetensors) + tokenizer + ``sparsity.json`` into ``out_dir`` atomically.
 
-    Everything is written into ``out_dir.parent/.{name}.tmp-<pid>`` and renamed to ``out_dir`` only once
+    ``save_format="sparse"`` stores the weights compactly (:mod:`d2prune.io.sparse`), each shard
+    encoded as ``save_pretrained`` writes it. Everything is written into ``out_dir.parent/.{name}.tmp-<pid>`` and renamed to ``out_dir`` only once
     complete; an existing non-empty ``out_dir`` is renamed aside, replaced, then deleted. Returns the
     absolute ``out_dir``.
     """
     if not isinstance(sparsity_record, dict):
         raise TypeError(f"sparsity_record must be a dict, got {type(sparsity_record).__name__}")
-    return save_model_folder(model, tokenizer, Path(out_dir), {SPARSITY_FILE: sparsity_record})
+    check_save_format(save_format)
+    save_weights = None
+    if save_format == "sparse":
+        nm = sparse_pattern(sparsity_record)
+        save_weights = lambda m, tmp: save_pretrained_sparse(m, tmp, nm)  # noqa: E731
+    return save_model_folder(
+        model, tokenizer, Path(out_dir), {SPARSITY_FILE: sparsity_record}, save_weights=save_weights
+    )
+
+
+def check_save_format(save_format: str) -> None:
+    """A UserError unless ``save_format`` is dense or sparse."""
+    if save_format not in SAVE_FORMATS:
+        raise UserError(f"unknown save format {save_format!r}: choose {' or '.join(SAVE_FORMATS)}")
+
+
+def sparse_pattern(sparsity_record: dict) -> tuple[int, int] | None:
+    """``(n, m)`` of the record's N:M pattern (None for unstructured)."""
+    from d2prune.patterns import Pattern
+
+    pattern = Pattern.parse(sparsity_record.get("pattern") or "unstructured")
+    return (pattern.n, pattern.m) if pattern.is_nm else None
 
 
 def load_sparsity_record(path: str | Path) -> dict | None:

@@ -45,7 +45,14 @@ class Checkpoint:
     """
 
     def __init__(self, folder: str | Path, weight_map: dict[str, str] | None = None):
+        from d2prune.io.sparse import is_sparse_folder, read_index
+
         self.folder = Path(folder)
+        # A sparse folder (d2prune.io.sparse): tensors are decoded shard by shard as they are read.
+        self._sparse: dict[str, dict] | None = None
+        if weight_map is None and is_sparse_folder(self.folder):
+            self._sparse = read_index(self.folder)["tensors"]
+            weight_map = {name: entry["file"] for name, entry in self._sparse.items()}
         if weight_map is None:
             weight_map = self._find_weight_map()
         self.weight_map = dict(weight_map)
@@ -73,9 +80,14 @@ class Checkpoint:
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """Stored dtype and shape of tensor ``name``."""
         file = self.weight_map[name]
+        sparse = (self._sparse or {}).get(name)
+        if sparse is not None and sparse["layout"] != "dense":
+            return _torch_dtype(sparse["dtype"]), tuple(sparse["shape"])
         if file not in self._headers:
             self._headers[file] = _read_header(self.folder / file)
-        entry = self._headers[file][name]
+        entry = self._headers[file].get(name)
+        if entry is None:
+            raise UserError(f"{self.folder / file} does not hold {name}: the checkpoint is damaged or incomplete")
         return _ST_DTYPES.get(entry["dtype"], torch.float32), tuple(entry["shape"])
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -92,6 +104,14 @@ class Checkpoint:
             by_file.setdefault(self.weight_map[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
+            if self._sparse is not None:
+                from d2prune.io.sparse import read_shard
+
+                decoded = read_shard(self.folder, file, {n: self._sparse[n] for n in file_names})
+                for name, t in decoded.items():
+                    out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                del decoded
+                continue
             try:
                 with safe_open(str(self.folder / file), framework="pt") as fh:
                     for name in file_names:
@@ -115,7 +135,7 @@ class Checkpoint:
 
 
 def is_streamable(model: str | Path) -> bool:
-    """A local model folder with config.json and safetensors weights."""
+    """A local model folder with config.json and safetensors weights (dense, or a d2prune sparse folder)."""
     path = Path(model).expanduser()
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 

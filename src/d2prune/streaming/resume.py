@@ -20,6 +20,7 @@ import torch
 
 from d2prune.engine.activations import Activations
 from d2prune.errors import UserError
+from d2prune.io.sparse import SPARSE_INDEX
 from d2prune.report import LinearReport, PruneReport
 from d2prune.streaming.checkpoint import INDEX_FILE
 
@@ -175,7 +176,7 @@ def _prepare_work_dir(target: Path, resume: bool) -> dict | None:
     work = work_dir(target)
     progress = read_progress(target)
     if resume and progress is None:
-        if (target / INDEX_FILE).is_file() and not work.exists():
+        if ((target / INDEX_FILE).is_file() or (target / SPARSE_INDEX).is_file()) and not work.exists():
             raise UserError(f"nothing to resume: {target} is already complete")
         # Stopped before its first layer was done (or never started): nothing to keep.
         print(f"d2prune: no progress recorded in {work}; starting from the first layer", file=sys.stderr)

@@ -13,6 +13,7 @@ from d2prune.config import PruneConfig
 from d2prune.engine import distributed
 from d2prune.engine.capture import calibration_batches
 from d2prune.errors import UserError
+from d2prune.io.models import check_save_format
 from d2prune.report import PruneReport
 from d2prune.streaming.model import StreamedModel
 from d2prune.streaming.resume import (
@@ -32,6 +33,7 @@ def prune_checkpoint(
     dtype: str = "float32",
     resume: bool = False,
     streamed: StreamedModel | None = None,
+    save_format: str = "dense",
 ) -> tuple[PruneReport, Path]:
     """Prune the model in ``folder`` (safetensors) layer by layer without ever holding more than one
     decoder layer of it, writing the pruned model to ``target``. Returns the report and ``target``.
@@ -39,6 +41,8 @@ def prune_checkpoint(
 
     ``resume``: continue an interrupted run into ``target`` (same model, data and config).
     ``streamed``: a ``StreamedModel`` of ``folder`` built by the caller (tests watch it).
+    ``save_format``: ``"sparse"`` converts the finished output to a sparse folder (``d2prune.io.sparse``),
+    shard by shard, before it is put in place.
 
 
     Under torchrun (see ``d2prune.engine.distributed``) every rank reads ``folder``, and rank 0 writes
@@ -47,6 +51,7 @@ def prune_checkpoint(
     obstacle = config.method.streaming_obstacle()
     if obstacle:
         raise UserError(f"{obstacle}; it cannot stream from disk (--offload none)")
+    check_save_format(save_format)
     world = distributed.current()
     if resume and world.size > 1:
         raise UserError(RESUME_UNDER_TORCHRUN)
@@ -72,6 +77,6 @@ def prune_checkpoint(
     world.barrier("closing the activation files")  # [distributed] before rank 0 renames the folder
     with world.sync("writing the pruned model"):
         if world.rank == 0:
-            store.finish(report.sparsity_record())
+            store.finish(report.sparsity_record(), save_format)
     report.timings["write_rest"] = time.perf_counter() - t0
     return report, target

@@ -157,12 +157,15 @@ class StreamedStore(StreamingLayers):
             except OSError:
                 pass
 
-    def finish(self, sparsity_record: dict) -> Path:
+    def finish(self, sparsity_record: dict, save_format: str = "dense") -> Path:
         """Write the tensors outside the stack, the index, config, tokenizer files and the sparsity
         record, then rename the folder into place (rank 0 only, once every rank has closed its
-        activation files)."""
+        activation files). ``save_format="sparse"`` converts the weights in the work folder first,
+        after the progress record is gone: an interrupted conversion leaves no resumable or
+        complete-looking folder, only the work folder a new run clears."""
         from d2prune.io.folders import record_text
         from d2prune.io.models import SPARSITY_FILE
+        from d2prune.io.sparse import is_sparse_file
 
         streamed = self.streamed
         # Activation files an interrupted run left (e.g. other ranks' when one process resumed a
@@ -198,9 +201,15 @@ class StreamedStore(StreamingLayers):
                 and not src.name.startswith(".")
                 and src.name not in _NOT_COPIED
                 and not src.name.endswith(_NOT_COPIED_SUFFIXES)
+                and not is_sparse_file(src)  # streamed from a sparse folder: the output is dense
             ):
                 shutil.copyfile(src, self.work / src.name)
         write_synced(self.work / SPARSITY_FILE, record_text(sparsity_record))
         (self.work / PROGRESS_FILE).unlink(missing_ok=True)
+        if save_format == "sparse":
+            from d2prune.io.models import sparse_pattern
+            from d2prune.io.sparse import sparsify_folder
+
+            sparsify_folder(self.work, sparse_pattern(sparsity_record))
         publish_folder(self.work, self.target)
         return self.target

@@ -1,0 +1,77 @@
+"""Loading d2prune model folders, sparse (``io.sparse``) or dense, into plain transformers models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from d2prune.errors import UserError
+from d2prune.io.sparse import SPARSE_INDEX, is_sparse_folder, read_state_dict
+
+
+def load_sparse(folder: str | Path, dtype: str | None = None, tokenizer: bool = True):
+    """``(model, tokenizer)`` from a sparse folder: ``from_pretrained`` with the decoded state dict,
+    in ``dtype`` (default: the stored one). The tokenizer is None when ``tokenizer`` is False."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, GenerationConfig
+
+    from d2prune.io.folders import load_processor, model_class, torch_dtype
+
+    folder = Path(folder).expanduser()
+    state = read_state_dict(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"could not read the config of {folder}: {exc}") from None
+    if dtype is None:  # as dtype="auto" would: the config's dtype, else the stored one
+        stored = [t.dtype for t in state.values() if t.is_floating_point()]
+        torch_type = getattr(config, "dtype", None)
+        if not isinstance(torch_type, torch.dtype):
+            torch_type = stored[0] if stored else torch.float32
+    else:
+        torch_type = torch_dtype(dtype)
+    # The concrete class the auto class (causal LM or image classifier) would pick: it needs a path, not a state dict.
+    cls, auto = (
+        model_class(config),
+        {
+            transformers.AutoModelForCausalLM: transformers.MODEL_FOR_CAUSAL_LM_MAPPING,
+            transformers.AutoModelForImageClassification: transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+        },
+    )
+    try:
+        cls = auto[cls][type(config)] if cls in auto else cls
+    except KeyError:
+        raise UserError(f"{folder}: transformers has no model class for {type(config).__name__}") from None
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch_type, output_loading_info=True)
+    bad = {
+        k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if bad:
+        raise UserError(f"{folder}: the sparse weights do not fit the model in config.json ({bad})")
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.eval()
+    return model, (load_processor(folder) if tokenizer else None)
+
+
+def load_pretrained(folder: str | os.PathLike, dtype: str | None = None, device: str = "cpu"):
+    """A plain transformers model (causal LM or image classifier) from a d2prune folder, sparse or dense, in eval mode.
+
+    A sparse folder loads bit-identical to the dense save it was packed from; ``dtype`` (float32,
+    bfloat16, float16) defaults to the stored one."""
+    from d2prune.io.folders import torch_dtype
+
+    folder = Path(folder).expanduser()
+    if is_sparse_folder(folder):
+        model, _ = load_sparse(folder, dtype, tokenizer=False)
+    elif (folder / "config.json").is_file():
+        from transformers import AutoConfig
+
+        from d2prune.io.folders import model_class
+
+        kwargs = {"dtype": torch_dtype(dtype)} if dtype is not None else {"dtype": "auto"}
+        model = model_class(AutoConfig.from_pretrained(str(folder))).from_pretrained(str(folder), **kwargs).eval()
+    else:
+        raise UserError(f"{folder} is not a model folder: no config.json or {SPARSE_INDEX}")
+    return model.to(device)

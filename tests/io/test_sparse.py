@@ -1,0 +1,315 @@
+"""Sparse folders: the codec against hand-made references, bit-exact round trips (zero signs included)
+in every dtype and pattern, sizes, loading, and the failures (transformers alone, damaged files,
+interrupted packs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from d2prune.errors import UserError
+from d2prune.io import sparse, sparse_load
+from d2prune.io.models import save_pruned
+from d2prune.io.sparse_codec import decode, encode
+
+_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(_INT[a.dtype]), b.view(_INT[b.dtype]))
+
+
+def _pruned(rows: int, cols: int, dtype, pattern: str, sparsity: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """A magnitude-pruned random weight; N:M = N zeros in each group of M inputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    if pattern == "unstructured":
+        k = int(cols * sparsity)
+        idx = w.float().abs().argsort(1)[:, :k]
+        return w.scatter(1, idx, 0.0)
+    n, m = map(int, pattern.split(":"))
+    groups = w.reshape(-1, m)
+    idx = groups.float().abs().argsort(1)[:, :n]
+    return groups.scatter(1, idx, 0.0).reshape(rows, cols)
+
+
+def test_bitmask_layout_against_a_hand_made_reference():
+    w = torch.tensor([[0.0, 1.5, 0.0, -0.0], [2.0, 0.0, 0.0, 0.0]])
+    parts, entry = encode(torch.cat([w, torch.zeros(2, 60)], 1))
+    assert entry["layout"] == "bitmask" and entry["shape"] == [2, 64]
+    # Stored: the non-+0.0 bit patterns, -0.0 among them, row-major.
+    assert _same_bits(parts["values"], torch.tensor([1.5, -0.0, 2.0]))
+    bits = np.unpackbits(parts["mask"].numpy(), bitorder="little")
+    assert bits[:4].tolist() == [0, 1, 0, 1] and bits[64:68].tolist() == [1, 0, 0, 0] and bits.sum() == 3
+
+
+def test_2_4_layout_against_a_hand_made_reference():
+    a, b, c = 1.0, -2.0, 3.0
+    w = torch.tensor([[0.0, a, 0.0, b, c, 0.0, 0.0, 0.0]] * 4, dtype=torch.bfloat16)
+    parts, entry = encode(w, (2, 4))
+    assert entry["layout"] == "nm" and (entry["n"], entry["m"]) == (2, 4)
+    # Group 1 keeps positions 1 and 3; group 2 has one stored value and pads with its first +0.0.
+    assert _same_bits(parts["values"], torch.tensor([a, b, c, 0.0] * 4, dtype=torch.bfloat16))
+    # 2-bit little-endian positions 1, 3, 0, 1 → bits 1,0, 1,1, 0,0, 1,0 → 0b01001101.
+    assert parts["index"].tolist() == [0b01001101] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "pattern,layout",
+    [("unstructured", "bitmask"), ("2:4", "nm"), ("4:8", "bitmask"), ("3:4", "nm"), ("6:8", "nm"), ("1:2", "nm")],
+)
+def test_round_trip_is_bit_identical(dtype, pattern, layout):
+    w = _pruned(16, 64, dtype, pattern)
+    w[3] = 0.0  # a row with every weight pruned
+    nm = tuple(map(int, pattern.split(":"))) if ":" in pattern else None
+    parts, entry = encode(w, nm)
+    assert entry["layout"] == layout
+    assert _same_bits(decode(entry, parts), w)
+    # Signs of zeros: a kept -0.0 and a pruned position holding -0.0 (4:8 and unstructured have room
+    # for an extra stored value in every group; 2:4 and 3:4 groups are full, so the codec falls back).
+    w[0, 0], w[1, 5] = -0.0, -0.0
+    parts, entry = encode(w, nm)
+    back = decode(entry, parts)
+    assert _same_bits(back, w)
+    assert torch.signbit(back[0, 0]) and torch.signbit(back[1, 5])
+
+
+def test_a_kept_exact_zero_decodes_to_the_same_bits():
+    w = _pruned(8, 32, torch.bfloat16, "2:4")
+    kept = (w[0] != 0).nonzero()[0, 0]
+    w[0, kept] = 0.0  # a weight the pruner kept that a refit made exactly +0.0
+    w[1, (w[1] != 0).nonzero()[0, 0]] = -0.0  # and one that became -0.0
+    parts, entry = encode(w, (2, 4))
+    assert entry["layout"] == "nm"
+    assert _same_bits(decode(entry, parts), w)
+
+
+@pytest.mark.parametrize(
+    "pattern,sparsity,limit", [("unstructured", 0.5, 0.57), ("unstructured", 0.7, 0.37), ("2:4", 0.5, 0.57)]
+)
+def test_bf16_sizes_meet_the_goals(pattern, sparsity, limit):
+    w = _pruned(256, 512, torch.bfloat16, pattern, sparsity)
+    parts, _ = encode(w, (2, 4) if pattern == "2:4" else None)
+    stored = sum(t.numel() * t.element_size() for t in parts.values())
+    assert stored / (w.numel() * 2) <= limit
+
+
+def test_dense_and_non_float_tensors_stay_dense():
+    assert encode(torch.randn(8, 8)) is None  # no zeros: the encoding would be bigger
+    assert encode(torch.randn(64)) is None  # 1-D (norms, biases)
+    assert encode(torch.zeros(8, 8, dtype=torch.int64)) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.__setitem__("values", p["values"][:-1]),
+        lambda p: p.__setitem__("mask", p["mask"][:-1]),
+        lambda p: p.__setitem__("values", p["values"].float()),
+    ],
+)
+def test_decode_refuses_parts_that_do_not_fit(damage):
+    parts, entry = encode(_pruned(8, 32, torch.bfloat16, "unstructured"))
+    damage(parts)
+    with pytest.raises(ValueError):
+        decode(entry, parts)
+
+
+def test_nm_decode_refuses_repeated_positions():
+    parts, entry = encode(_pruned(4, 8, torch.float16, "2:4"), (2, 4))
+    parts["index"] = torch.zeros_like(parts["index"])  # every position 0: duplicates
+    with pytest.raises(ValueError, match="out of order"):
+        decode(entry, parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Folders
+
+
+def _tiny_pruned(dtype=torch.bfloat16, pattern="unstructured"):
+    model = build_tiny_model("llama-gqa").to(dtype)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for j, lin in enumerate(lin for lin in layer.modules() if isinstance(lin, torch.nn.Linear)):
+                w = _pruned(*lin.weight.shape, dtype, pattern, seed=10 * i + j)
+                w[0, 0] = -0.0 if pattern == "unstructured" else w[0, 0]
+                lin.weight.copy_(w)
+    return model
+
+
+def _record(pattern="unstructured"):
+    return {"method": "magnitude", "pattern": pattern, "linears": {}}
+
+
+def _state_bits_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(_same_bits(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_saved_sparse_folder_loads_bit_identical_to_the_dense_save(tmp_path, dtype, pattern):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_pruned(dtype, pattern)
+    save_pruned(model, None, tmp_path / "dense", _record(pattern))
+    save_pruned(model, None, tmp_path / "sparse", _record(pattern), save_format="sparse")
+    names = {p.name for p in (tmp_path / "sparse").iterdir()}
+    assert {"model.sparse.json", "model.sparse.safetensors", "config.json", "sparsity.json", "README.md"} <= names
+    assert not any(n in names for n in ("model.safetensors", "model.safetensors.index.json"))
+    layouts = {
+        e["layout"] for e in json.loads((tmp_path / "sparse" / "model.sparse.json").read_text())["tensors"].values()
+    }
+    assert layouts == {"dense", "nm" if pattern == "2:4" else "bitmask"}
+
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype="auto")
+    loaded = sparse_load.load_pretrained(tmp_path / "sparse")
+    assert _state_bits_equal(loaded, dense) and _state_bits_equal(loaded, model)
+    # In another dtype (as load_model asks): the same as loading the dense save so.
+    a, _ = sparse_load.load_sparse(tmp_path / "sparse", "float32", tokenizer=False)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    assert _state_bits_equal(a, b)
+    assert (tmp_path / "sparse" / "model.sparse.safetensors").stat().st_size < 0.75 * (
+        tmp_path / "dense" / "model.safetensors"
+    ).stat().st_size
+
+    # Plain transformers refuses the folder instead of random-initializing the pruned linears.
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    assert "d2prune unpack" in (tmp_path / "sparse" / "README.md").read_text()
+
+
+def test_the_sparse_save_writes_no_dense_shard_first(tmp_path, monkeypatch):
+    # Each shard is encoded as save_pretrained hands it over; converting dense files is only a fallback.
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("dense shards were written and converted")
+
+    monkeypatch.setattr(sparse, "sparsify_folder", no_conversion)
+    model = _tiny_pruned(torch.float32)
+    save_pruned(model, None, tmp_path / "s", _record(), save_format="sparse")
+    assert _state_bits_equal(sparse_load.load_pretrained(tmp_path / "s"), model)
+    import transformers.modeling_utils as tm
+    from safetensors.torch import save_file
+
+    assert tm.safe_save_file is save_file  # put back
+
+
+def test_pack_and_unpack_give_back_the_dense_files_byte_for_byte(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_pruned()
+    save_pruned(model, None, tmp_path / "dense", _record())
+    sparse.pack_folder(tmp_path / "dense", tmp_path / "packed")
+    sparse.unpack_folder(tmp_path / "packed", tmp_path / "unpacked")
+    for name in ("model.safetensors", "config.json", "sparsity.json", "generation_config.json"):
+        assert (tmp_path / "unpacked" / name).read_bytes() == (tmp_path / "dense" / name).read_bytes(), name
+    assert not (tmp_path / "unpacked" / "README.md").exists()
+    assert _state_bits_equal(AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked", dtype="auto"), model)
+
+
+def test_sharded_folders_pack_shard_by_shard(tmp_path):
+    model = _tiny_pruned(torch.float32)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "dense").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    sparse.pack_folder(tmp_path / "dense", tmp_path / "packed")
+    assert sorted(p.name for p in (tmp_path / "packed").glob("*.sparse.safetensors")) == [
+        sparse.sparse_name(s) for s in shards
+    ]
+    sparse.unpack_folder(tmp_path / "packed", tmp_path / "unpacked")
+    for name in [*shards, "model.safetensors.index.json"]:
+        if name.endswith(".json"):
+            assert json.loads((tmp_path / "unpacked" / name).read_text()) == json.loads(
+                (tmp_path / "dense" / name).read_text()
+            )
+        else:
+            assert (tmp_path / "unpacked" / name).read_bytes() == (tmp_path / "dense" / name).read_bytes()
+    assert _state_bits_equal(sparse_load.load_pretrained(tmp_path / "packed"), model)
+
+
+def test_pack_of_an_unpruned_folder_stores_it_dense_and_round_trips(tmp_path):
+    model = build_tiny_model("llama-gqa")
+    model.save_pretrained(tmp_path / "dense")
+    sparse.pack_folder(tmp_path / "dense", tmp_path / "packed")
+    index = json.loads((tmp_path / "packed" / "model.sparse.json").read_text())
+    assert {e["layout"] for e in index["tensors"].values()} == {"dense"}
+    assert _state_bits_equal(sparse_load.load_pretrained(tmp_path / "packed"), model)
+
+
+def test_pack_in_place_replaces_the_dense_folder(tmp_path):
+    model = _tiny_pruned()
+    save_pruned(model, None, tmp_path / "m", _record())
+    sparse.pack_folder(tmp_path / "m", tmp_path / "m")
+    assert sparse.is_sparse_folder(tmp_path / "m") and not (tmp_path / "m" / "model.safetensors").exists()
+    assert _state_bits_equal(sparse_load.load_pretrained(tmp_path / "m"), model)
+
+
+def test_wrong_inputs_are_user_errors(tmp_path):
+    model = _tiny_pruned()
+    save_pruned(model, None, tmp_path / "dense", _record())
+    save_pruned(model, None, tmp_path / "sparse", _record(), save_format="sparse")
+    with pytest.raises(UserError, match="not a sparse model folder"):
+        sparse.unpack_folder(tmp_path / "dense", tmp_path / "x")
+    with pytest.raises(UserError, match="already a sparse folder"):
+        sparse.pack_folder(tmp_path / "sparse", tmp_path / "x")
+    with pytest.raises(UserError, match="not a folder"):
+        sparse.pack_folder(tmp_path / "nothing", tmp_path / "x")
+    with pytest.raises(UserError, match="unknown save format"):
+        save_pruned(model, None, tmp_path / "y", _record(), save_format="csr")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda d: (d / "model.sparse.safetensors").write_bytes(b"\x10\x00garbage"), "damaged"),
+        (lambda d: _truncate(d / "model.sparse.safetensors"), "damaged"),
+        (lambda d: (d / "model.sparse.json").write_text("{"), "not a valid sparse index"),
+        (lambda d: _edit_index(d, lambda i: i.update(version=99)), "version 99"),
+        (lambda d: _edit_index(d, lambda i: next(iter(_nondense(i))).update(shape=[3, 3])), "damaged"),
+    ],
+)
+def test_a_damaged_sparse_folder_is_a_user_error(tmp_path, damage, needle):
+    save_pruned(_tiny_pruned(), None, tmp_path / "s", _record(), save_format="sparse")
+    damage(tmp_path / "s")
+    with pytest.raises(UserError, match=needle):
+        sparse_load.load_pretrained(tmp_path / "s")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _edit_index(folder, edit):
+    index = json.loads((folder / "model.sparse.json").read_text())
+    edit(index)
+    (folder / "model.sparse.json").write_text(json.dumps(index))
+
+
+def _nondense(index):
+    return [e for e in index["tensors"].values() if e["layout"] != "dense"]
+
+
+def test_an_interrupted_pack_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    model = _tiny_pruned(torch.float32)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="40KB")
+    real_save = sparse._save
+    calls = []
+
+    def save_then_stop(tensors, path, metadata):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(sparse, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sparse.pack_folder(tmp_path / "dense", tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no temp folder left either
