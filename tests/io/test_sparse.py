@@ -313,3 +313,31 @@ def test_an_interrupted_pack_leaves_nothing_that_looks_complete(tmp_path, monkey
         sparse.pack_folder(tmp_path / "dense", tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no temp folder left either
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit-teacher"])
+def test_pruned_image_classifier_round_trips_through_a_sparse_folder(tmp_path, kind):
+    """An image classifier saved sparse loads (load_model, load_pretrained) as its class, bit-identical,
+    with its image processor; plain from_pretrained refuses the folder."""
+    from transformers import ViTImageProcessor
+
+    import d2prune
+    from d2prune.io.models import load_model
+    from vision_models import build_tiny_classifier, make_images
+
+    model = build_tiny_classifier(kind)
+    pixels, labels = make_images(16)
+    d2prune.prune(
+        model, {"pixel_values": pixels, "labels": labels}, d2prune.PruneConfig(method="wanda", progress=False)
+    )
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    save_pruned(model, processor, tmp_path / "s", _record(), save_format="sparse")
+    loaded, loaded_processor = load_model(str(tmp_path / "s"))
+    assert type(loaded) is type(model) and _state_bits_equal(loaded, model)
+    assert type(loaded_processor).__name__.startswith("ViTImageProcessor")  # the PIL one without torchvision
+    plain = sparse_load.load_pretrained(tmp_path / "s")
+    assert type(plain) is type(model) and _state_bits_equal(plain, model)
+    with torch.no_grad():
+        assert torch.equal(plain(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+    with pytest.raises(OSError):
+        type(model).from_pretrained(tmp_path / "s")
