@@ -1,4 +1,5 @@
-"""A battery of bad inputs against every command that loads a model (prune, eval, finetune, attention).
+"""A battery of bad inputs against every command that loads a model (prune, eval, finetune, attention,
+pack, unpack; image classifiers too).
 
 Each case must end with exit code 2, exactly one ``d2prune: error:`` line that says what is wrong
 (``needle``), no traceback, and no output that looks complete (no run.json, no folder holding a
@@ -230,6 +231,44 @@ def _finetune_checkpoint(damage: Callable[[Path], None] | None):
     return prepare
 
 
+def _vit_and_images(damage: str | None) -> Callable[[Path, Path, pytest.MonkeyPatch], None]:
+    """``tmp/vit``: a tiny random ViT with its image processor; ``tmp/images``: a labelled folder of
+    two classes (two PNGs each), then ``damage``: "empty" (class folders without images) or "garbage"
+    (one .png that is not an image)."""
+
+    def prepare(tmp: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from PIL import Image
+        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+        torch.manual_seed(0)
+        config = ViTConfig(
+            image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_labels=2,
+        )  # fmt: skip
+        ViTForImageClassification(config).eval().save_pretrained(tmp / "vit")
+        ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp / "vit")
+        for label in ("0", "1"):
+            folder = tmp / "images" / label
+            folder.mkdir(parents=True)
+            for i in range(0 if damage == "empty" else 2):
+                Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(folder / f"{i}.png")
+        if damage == "garbage":
+            (tmp / "images" / "1" / "1.png").write_bytes(b"not a png" * 10)
+
+    return prepare
+
+
+def _packed(damage: Callable[[Path], None] | None) -> Callable[[Path, Path, pytest.MonkeyPatch], None]:
+    """``tmp/packed``: the model packed into a sparse folder (``d2prune pack``), then ``damage``."""
+
+    def prepare(tmp: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert main(["pack", str(model), str(tmp / "packed")]) == 0
+        if damage is not None:
+            damage(tmp / "packed")
+
+    return prepare
+
+
 # ------------------------------------------------------------------------------------------- table
 
 
@@ -420,6 +459,55 @@ CASES = [
         "taken",
         prepare=_file("taken", b"x"),
     ),
+    # pack / unpack (compact sparse checkpoints)
+    Case("pack-missing-folder", ("pack", "{tmp}/nope", "{out}"), "is not a folder"),
+    Case("pack-corrupt-safetensors", ("pack", "{model}", "{out}"), WEIGHTS, _corrupt_header),
+    Case("pack-already-sparse", ("pack", "{tmp}/packed", "{out}"), "already a sparse folder", prepare=_packed(None)),
+    Case("unpack-dense-folder", ("unpack", "{model}", "{out}"), "is not a sparse model folder"),
+    Case(
+        "unpack-truncated-sparse-file",
+        ("unpack", "{tmp}/packed", "{out}"),
+        "model.sparse.safetensors",
+        prepare=_packed(_truncate("model.sparse.safetensors")),
+    ),
+    Case(
+        "eval-damaged-sparse-index",
+        ("eval", "{tmp}/packed", *EVAL),
+        "model.sparse.json",
+        prepare=_packed(_write("model.sparse.json", '{"format": "d2prune-sparse"')),
+    ),
+    Case("prune-unknown-save-format", (*PRUNE, "--save-format", "zip"), "zip"),
+    # Image classifiers: image folders and options that do not fit the model.
+    Case(
+        "prune-vision-no-images",
+        ("prune", "{tmp}/vit", "--calib", "{tmp}/images", "--nsamples", "2", "--no-progress"),
+        "has no images",
+        prepare=_vit_and_images("empty"),
+    ),
+    Case(
+        "prune-vision-unreadable-image",
+        ("prune", "{tmp}/vit", "--calib", "{tmp}/images", "--nsamples", "4", "--no-progress"),
+        "cannot read image",
+        prepare=_vit_and_images("garbage"),
+    ),
+    Case(
+        "prune-vision-too-many-images",
+        ("prune", "{tmp}/vit", "--calib", "{tmp}/images", "--nsamples", "9", "--no-progress"),
+        "asks for more",
+        prepare=_vit_and_images(None),
+    ),
+    Case(
+        "prune-vision-text-calibration",
+        ("prune", "{tmp}/vit", "--nsamples", "2", "--no-progress", "--data-dir", str(DATA)),
+        "calibrates on images",
+        prepare=_vit_and_images(None),
+    ),
+    Case(
+        "eval-images-on-a-causal-lm",
+        ("eval", "{model}", *EVAL, "--eval-images", "{tmp}/images"),
+        "causal LM",
+        prepare=_vit_and_images(None),
+    ),
 ]
 
 
@@ -435,7 +523,7 @@ def _looks_complete(root: Path) -> list[Path]:
 
 def test_the_battery_is_big_enough():
     commands = {case.argv[0] for case in CASES}
-    assert len(CASES) >= 25 and commands == {"prune", "eval", "finetune", "attention"}
+    assert len(CASES) >= 25 and commands == {"prune", "eval", "finetune", "attention", "pack", "unpack"}
     assert len({case.id for case in CASES}) == len(CASES)
 
 
