@@ -1,4 +1,4 @@
-"""The ``d2prune`` parser and entry point: one subcommand module each (prune, eval, finetune, attention)."""
+"""The ``d2prune`` parser and entry point: one subcommand module each (prune, sweep, eval, finetune, attention)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ import argparse
 import logging
 import sys
 
-from d2prune.cli import attention, common, finetune, prune
+from d2prune.cli import attention, common, finetune, prune, sweep
 from d2prune.cli import eval as eval_command
 from d2prune.cli.options import Parser
 from d2prune.engine import distributed
 from d2prune.errors import UserError
 
-COMMANDS = {"prune": prune, "eval": eval_command, "finetune": finetune, "attention": attention}
+COMMANDS = {
+    "prune": prune,
+    "sweep": sweep,
+    "eval": eval_command,
+    "finetune": finetune,
+    "attention": attention,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

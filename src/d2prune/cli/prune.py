@@ -25,7 +25,11 @@ from d2prune.methods.base import REFIT_GROUP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
+    add_prune_options(sub.add_parser("prune", help="prune a model, evaluate it, write a run record"))
+
+
+def add_prune_options(pr: argparse.ArgumentParser) -> None:
+    """Every option of ``d2prune prune`` (``d2prune sweep`` builds on them)."""
     add_model_args(pr)
     add_method_choice(pr)
     pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
@@ -282,7 +286,6 @@ def summary_row(args: argparse.Namespace, config, report, ppl: dict, timings: di
 
 
 def run(args: argparse.Namespace) -> int:
-    from d2prune.data import get_calibration
     from d2prune.io.record import format_table, write_json_atomic
 
     common.check_model_options(args)
@@ -300,6 +303,26 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = common.load(args, streamed, timings)
 
     calib_source = args.calib_data_path or args.calib
+    calibration = read_calibration(args, tokenizer, calib_source, timings)
+    if args.eval_dense:
+        t0 = time.perf_counter()
+        common.evaluate(model, tokenizer, args, "dense", ppl)
+        timings["eval_dense"] = time.perf_counter() - t0
+    done = prune_and_record(args, model, tokenizer, calibration, config, calib_source, output_dir, record, timings, ppl)
+    if done is None:
+        return 0
+    record, row = done
+    print(format_table([row], list(row)))
+    if output_dir:
+        path = write_json_atomic(output_dir / "run.json", record)
+        print(f"run record: {path}")
+    return 0
+
+
+def read_calibration(args: argparse.Namespace, tokenizer, calib_source: str, timings: dict):
+    """The calibration token windows (timed as ``calibration_data``)."""
+    from d2prune.data import get_calibration
+
     t0 = time.perf_counter()
     with distributed.current().sync("reading the calibration data"):
         calibration = get_calibration(
@@ -312,10 +335,23 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir_path,
         )
     timings["calibration_data"] = time.perf_counter() - t0
-    if args.eval_dense:
-        t0 = time.perf_counter()
-        common.evaluate(model, tokenizer, args, "dense", ppl)
-        timings["eval_dense"] = time.perf_counter() - t0
+    return calibration
+
+
+def prune_and_record(
+    args: argparse.Namespace,
+    model,
+    tokenizer,
+    calibration,
+    config,
+    calib_source: str,
+    output_dir: Path | None,
+    record: dict,
+    timings: dict,
+    ppl: dict,
+) -> tuple[dict, dict] | None:
+    """Prune, evaluate and (--save-model) save; the completed run record and the summary row
+    (None on ranks other than 0, which neither print nor write)."""
     read_text_sources(args, config, tokenizer)
 
     t0 = time.perf_counter()
@@ -324,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.evaluate_all(model, tokenizer, args, "pruned", ppl, record, timings)
     if distributed.current().rank > 0:  # only rank 0 saves, prints and writes the run record
-        return 0
+        return None
     record.update(
         config=report.config,
         seed=args.seed,
@@ -342,11 +378,6 @@ def run(args: argparse.Namespace) -> int:
         resumed_at_layer=report.resumed_at_layer,
         linears=report.to_dict()["linears"],
     )
-    if args.save_model and not streamed:
+    if args.save_model and not isinstance(model, Path):
         save(args, model, tokenizer, report, output_dir, record, timings)
-    row = summary_row(args, config, report, ppl, timings)
-    print(format_table([row], list(row)))
-    if output_dir:
-        path = write_json_atomic(output_dir / "run.json", record)
-        print(f"run record: {path}")
-    return 0
+    return record, summary_row(args, config, report, ppl, timings)
