@@ -116,13 +116,16 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> bool:
     import matplotlib.pyplot as plt
 
     log = next(log for section, keys, log in METRICS if rows[0]["metric"].split(" ")[0] in keys)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
-        color = f"C{i % 10}"
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    # Beyond ten lines the default colours repeat: tab20's twenty, then the line style tells them apart.
+    colors = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20").colors
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for i, variant in enumerate(variants):
+        color, style = colors[i % len(colors)], ("o-", "o--", "o:")[i // len(colors) % 3]
         mine = [r for r in rows if r["variant"] == variant]
         line = sorted((r for r in mine if r["pattern"] == "unstructured"), key=lambda r: r["achieved"])
         if line:
-            ax.plot([r["achieved"] for r in line], [r["pruned"] for r in line], "o-", color=color, label=variant)
+            ax.plot([r["achieved"] for r in line], [r["pruned"] for r in line], style, color=color, label=variant)
         for k, r in enumerate(r for r in mine if r["pattern"] != "unstructured"):
             ax.plot(
                 r["achieved"], r["pruned"], "s", color=color, mfc="none", ms=9, label=None if line or k else variant
@@ -139,7 +142,7 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> bool:
     ax.set_ylabel(rows[0]["metric"])
     ax.set_title(title or f"{rows[0]['metric']} vs sparsity")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
