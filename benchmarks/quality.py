@@ -285,6 +285,8 @@ def main() -> None:
     if swept:
         if args.force:
             shutil.rmtree(SWEEP, ignore_errors=True)
+        # Its cells' progress is in the sweep folder (cells/*/run.json) while it runs.
+        print(f"running {shown([*command, '--output-dir', str(SWEEP.relative_to(ROOT))])}", flush=True)
         rows, dense = run_sweep(command, SWEEP)
         if dense:
             before = next((r["ppl"] for r in results if r["name"] == "dense"), None)

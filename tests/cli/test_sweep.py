@@ -156,6 +156,7 @@ def test_interrupted_sweep_keeps_finished_cells_only_and_continues(
         (["--variant", "x=--method wanda stray", "--methods", "x"], "--variant x: 'stray' is not an option"),
         (["--refit-target-layers"], "cell wanda-0.5: --refit-target-layers applies to"),
         (["--sparsities", "1.5"], "cell wanda-1.5: sparsity must be in [0, 1)"),
+        (["--save-model", "somewhere"], "cell wanda-0.5: --save-model saves each cell's model in its folder"),
     ],
 )
 def test_grid_mistakes_are_one_line_errors_before_loading(tmp_path, capsys, extra, needle, monkeypatch):

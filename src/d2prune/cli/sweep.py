@@ -201,7 +201,9 @@ def build_grid(args: argparse.Namespace) -> list[Cell]:
             cell.skipped = "OWL has no N:M form"
             continue
         try:
-            prune.prune_config(cell.args, None, streamed=False)
+            if cell.args.save_model not in (None, True):
+                raise UserError("--save-model saves each cell's model in its folder: give it without a path")
+            prune.prune_config(cell.args, Path(args.output_dir or ".") / "cells" / cell.folder, streamed=False)
         except UserError as e:
             raise UserError(f"cell {cell.name}: {e}") from None
     return list(cells.values())
