@@ -106,6 +106,23 @@ def test_every_cell_equals_its_own_prune_run_and_the_report_is_written(tiny_fold
 
 
 @needs_assets
+def test_model_level_passes_leave_nothing_for_the_next_cell(tiny_folder, tmp_path, cli_cache, capsys):
+    # Pruner-Zero's gradient pass over the whole model, then D²Prune's held-out choice (pruning
+    # copies of the model) and OWL's statistics pass: each cell still equals its solo run.
+    out = tmp_path / "sweep"
+    grid = ["--methods", "pruner-zero", "d2auto", "--variant", "d2auto=--method d2prune --target-layers auto"]
+    assert main(["sweep", str(tiny_folder), *grid, "--owl", "on", *QUICK_CLI, "--output-dir", str(out)]) == 0
+    for name in ("pruner-zero-owl-0.5", "d2auto-owl-0.5"):
+        record = json.loads((out / "cells" / name / "run.json").read_text())
+        solo = tmp_path / f"solo-{name}"
+        assert main(["prune", *record["sweep_cell"]["argv"], "--no-progress", "--output-dir", str(solo)]) == 0
+        alone = json.loads((solo / "run.json").read_text())
+        assert ppl(record) == ppl(alone), name
+        assert record["layer_sparsities"] == alone["layer_sparsities"]
+    assert "target_search" in record
+
+
+@needs_assets
 def test_resume_skips_finished_cells_and_refuses_changed_ones(tiny_folder, tmp_path, cli_cache, count_prunes, capsys):
     calls, _ = count_prunes
     out = tmp_path / "sweep"
