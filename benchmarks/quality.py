@@ -1,28 +1,37 @@
 """Quality benchmark: WikiText-2 perplexity of each method and sparsity on SmolLM2-135M.
 
 Quick protocol: calibration 32 windows × 512 tokens from the shared C4 sample (seed 0); evaluation
-on the first 64 WikiText-2 test windows of 512 tokens. Every run is a separate ``d2prune`` process,
-so its wall time and peak RSS are its own. Results accumulate in
-``benchmarks/results/quality_smollm2.json`` (runs already there with the same command are skipped;
-``--force`` reruns them) and the table in ``benchmarks/README.md`` is regenerated from that file.
+on the first 64 WikiText-2 test windows of 512 tokens. A suite is one ``d2prune sweep`` (its methods
+are the sweep's named variants, its settings the sweep's sparsities and N:M patterns) in its own
+process, resumable in ``runs/quality/sweep-SUITE`` (``--force`` starts it afresh). Its cells replace
+the rows of the same name in ``benchmarks/results/quality_smollm2.json``; the table in
+``benchmarks/README.md`` is regenerated from that file, and the plot of every row to
+``benchmarks/results/quality_smollm2.png``. The bf16 suite (pruned with bfloat16 forwards, scored in
+float32) keeps one prune and one ``d2prune eval`` process per cell: a sweep scores in the forward dtype.
 
     .venv/bin/python benchmarks/quality.py                       # baseline suite
     .venv/bin/python benchmarks/quality.py --suite extended      # Pruner-Zero, OWL, D²Prune auto
     .venv/bin/python benchmarks/quality.py --suite exact         # ALPS, D²-ALPS, RIA, DSnoT, --refit cg
     .venv/bin/python benchmarks/quality.py --suite bf16          # pruned with bfloat16 forwards, scored in fp32
     .venv/bin/python benchmarks/quality.py --methods wanda --settings 0.5 2:4
+    .venv/bin/python benchmarks/quality.py --dry-run             # print the sweep command and stop
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
+from pathlib import Path
 
 from common import BENCH_README as README
-from common import RESULTS_DIR, ROOT, load_results, replace_block, run_d2prune, save_results, shown
+from common import RESULTS_DIR, ROOT, load_results, replace_block, run_d2prune, save_results, shown, start_launcher
 
 RESULTS = RESULTS_DIR / "quality_smollm2.json"
+PLOT = RESULTS_DIR / "quality_smollm2.png"
 RUNS = ROOT / "runs" / "quality"
+SWEEP = RUNS / "sweep"  # one sweep folder for every suite: its cells are named by variant and setting
 MARK_BEGIN = "<!-- quality-table:begin -->"
 MARK_END = "<!-- quality-table:end -->"
 
@@ -118,6 +127,11 @@ def setting_args(setting: str) -> list[str]:
     return ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
 
 
+def time_and_rss(row: dict) -> str:
+    rss = row.get("peak_rss_mb")
+    return f"{row['prune_s']:.0f}" + (f" / {rss:.0f}" if rss is not None else "")
+
+
 def write_table(rows: list[dict]) -> None:
     dense = next((r for r in rows if r["name"] == "dense"), None)
     settings = []
@@ -140,16 +154,15 @@ def write_table(rows: list[dict]) -> None:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Prune-phase wall time (s) / peak RSS of the whole process (MB: load, calibrate, prune, evaluate):",
+        "Prune-phase wall time (s) / peak RSS of the whole process (MB: load, calibrate, prune, evaluate); "
+        "a cell without an RSS ran in a `d2prune sweep`, one process for all its cells (its peak RSS is "
+        "in the results file):",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
     ]
     for n in names:
-        cells = [
-            f"{by_key[(n, s)]['prune_s']:.0f} / {by_key[(n, s)]['peak_rss_mb']:.0f}" if (n, s) in by_key else "–"
-            for s in settings
-        ]
+        cells = [time_and_rss(by_key[(n, s)]) if (n, s) in by_key else "–" for s in settings]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     for r in rows:
         if r.get("note"):
@@ -166,6 +179,8 @@ def write_table(rows: list[dict]) -> None:
         "Achieved overall sparsity: "
         + ", ".join(f"{r['name']} {r['achieved']:.4f}" for r in rows if r["method"] != "dense"),
     ]
+    write_plot(rows)
+    lines += ["", f"![WikiText-2 perplexity against sparsity]({PLOT.relative_to(README.parent).as_posix()})"]
     table = "\n".join(lines)
     # The table goes into benchmarks/README.md and, where it has the markers, the project README
     # (which no longer carries them: it shows a hand-picked selection that links to the full table).
@@ -173,7 +188,74 @@ def write_table(rows: list[dict]) -> None:
     replace_block(ROOT / "README.md", MARK_BEGIN, MARK_END, table, append=False)
 
 
+def sweep_command(model: str, methods: list[str], settings: list[str], protocol: list[str]) -> list[str]:
+    """The ``d2prune sweep`` arguments of a suite: its methods as named variants, its settings as the
+    sweep's sparsities and N:M patterns (OWL cells of N:M patterns are skipped by the sweep)."""
+    sparsities = [s for s in settings if ":" not in s]
+    patterns = (["unstructured"] if sparsities else []) + [s for s in settings if ":" in s]
+    args = ["sweep", model]
+    for m in methods:
+        args += ["--variant", f"{m}={shlex.join(METHODS[m])}"]
+    args += ["--methods", *methods, "--patterns", *patterns]
+    return args + (["--sparsities", *sparsities] if sparsities else []) + protocol
+
+
+def run_sweep(args: list[str], folder: Path) -> tuple[list[dict], dict | None]:
+    """Run the sweep in its own process; its cells as result rows, and the dense row."""
+    res = run_d2prune("sweep", args, folder)
+    summary = json.loads((folder / "sweep.json").read_text())
+    rows, dense = [], None
+    for cell in summary["cells"]:
+        if cell.get("skipped"):
+            continue
+        record = json.loads((folder / cell["run_record"]).read_text())
+        # One process ran every cell: its wall time and peak RSS belong to the sweep, not to a cell.
+        row = summarize(
+            {"name": cell["name"], "command": record["command"], "wall_s": None, "peak_rss_mb": None, "record": record}
+        )
+        rows.append(
+            {**row, "sweep": {"command": res["command"], "wall_s": res["wall_s"], "rss_mb": res["peak_rss_mb"]}}
+        )
+        measured = record["perplexity"].get("dense", {}).get("wikitext2")
+        if measured and dense is None:
+            dense = {
+                "name": "dense",
+                "method": "dense",
+                "pattern": "-",
+                "target": 0.0,
+                "achieved": 0.0,
+                "ppl": measured["ppl"],
+                "windows": measured["n_windows"],
+                "prune_s": None,
+                "wall_s": None,
+                "peak_rss_mb": None,
+                "command": f"{res['command']} (its dense evaluation)",
+            }
+    return rows, dense
+
+
+def write_plot(rows: list[dict]) -> None:
+    """Perplexity against achieved sparsity of every row, one line per method (d2prune sweep's plot)."""
+    from d2prune.cli.sweep_report import plot
+
+    dense = next((r["ppl"] for r in rows if r["name"] == "dense"), None)
+    points = [
+        {
+            "variant": r["name"].rsplit("-", 1)[0],
+            "pattern": r["pattern"],
+            "achieved": r["achieved"],
+            "pruned": r["ppl"],
+            "dense": dense,
+            "metric": "ppl (wikitext2)",
+        }
+        for r in rows
+        if r["method"] != "dense"
+    ]
+    plot(points, PLOT, title="SmolLM2-135M, WikiText-2 (quick protocol)")
+
+
 def main() -> None:
+    start_launcher()  # before torch is imported (see common.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=list(SUITES), default="base")
     ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: the suite's")
@@ -182,9 +264,9 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--no-dense", action="store_true")
-    ap.add_argument("--force", action="store_true", help="rerun runs already in the results file")
-    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the results file")
+    ap.add_argument("--force", action="store_true", help="start the sweep afresh (remove its finished cells)")
+    ap.add_argument("--dry-run", action="store_true", help="print the sweep command and stop")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the table and plot from the results file")
     args = ap.parse_args()
     if args.table_only:
         write_table(json.loads(RESULTS.read_text()))
@@ -193,48 +275,43 @@ def main() -> None:
     args.settings = args.settings or SUITES[args.suite][1]
 
     common = ["--seqlen", str(args.seqlen), "--eval", "wikitext2", "--eval-windows", str(args.eval_windows)]
-    jobs = [] if args.no_dense else [("dense", ["eval", args.model, *common])]
-    for s in args.settings:
-        for m in args.methods:
-            if ":" in s and "--sparsity-profile" in METHODS[m]:
-                continue
-            jobs.append(
-                (
-                    f"{m}-{s}",
-                    [
-                        "prune",
-                        args.model,
-                        *METHODS[m],
-                        *setting_args(s),
-                        "--nsamples",
-                        str(args.nsamples),
-                        "--calib",
-                        "c4",
-                        "--seed",
-                        "0",
-                        *common,
-                    ],
-                )
-            )
-
+    protocol = ["--nsamples", str(args.nsamples), "--calib", "c4", "--seed", "0", *common]
+    swept = [m for m in args.methods if m not in EVAL_SEPARATELY]
+    command = sweep_command(args.model, swept, args.settings, protocol)
+    if args.dry_run:
+        print(shown([*command, "--output-dir", str(SWEEP.relative_to(ROOT))]))
+        return
     results = load_results(RESULTS)
-    for name, cmd in jobs:
-        separately = shown([*cmd, "--eval", "none", "--save-model"]) + " && "
-        if not args.force and any(r["command"] == shown(cmd) or r["command"].startswith(separately) for r in results):
-            print(f"skip {name} (already measured)")
-            continue
-        if name.rsplit("-", 1)[0] in EVAL_SEPARATELY:
-            res = summarize(prune_then_evaluate(name, cmd, common))
-        else:
-            res = summarize(run_d2prune(name, cmd, RUNS / name))
-        print(
-            f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s  "
-            f"rss {res['peak_rss_mb']:.0f}MB",
-            flush=True,
-        )
-        results = [r for r in results if r["name"] != name] + [res]
+    if swept:
+        if args.force:
+            shutil.rmtree(SWEEP, ignore_errors=True)
+        # Its cells' progress is in the sweep folder (cells/*/run.json) while it runs.
+        print(f"running {shown([*command, '--output-dir', str(SWEEP.relative_to(ROOT))])}", flush=True)
+        rows, dense = run_sweep(command, SWEEP)
+        if dense:
+            before = next((r["ppl"] for r in results if r["name"] == "dense"), None)
+            print(f"dense: ppl {dense['ppl']:.2f} (results file before: {before})")
+            results = [r for r in results if r["name"] != "dense"] + [dense]
+        for res in rows:
+            print(
+                f"{res['name']}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s"
+            )
+        names = {r["name"] for r in rows}
+        results = [r for r in results if r["name"] not in names] + rows
         save_results(RESULTS, results)
-        write_table(results)
+    # Pruned with bfloat16 forwards, scored in float32 by a separate `d2prune eval`: one process each.
+    for s in args.settings:
+        for m in [m for m in args.methods if m in EVAL_SEPARATELY]:
+            name = f"{m}-{s}"
+            cmd = ["prune", args.model, *METHODS[m], *setting_args(s), *protocol]
+            separately = shown([*cmd, "--eval", "none", "--save-model"]) + " && "
+            if not args.force and any(r["command"].startswith(separately) for r in results):
+                print(f"skip {name} (already measured)")
+                continue
+            res = summarize(prune_then_evaluate(name, cmd, common))
+            print(f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s")
+            results = [r for r in results if r["name"] != name] + [res]
+            save_results(RESULTS, results)
     write_table(results)
 
 

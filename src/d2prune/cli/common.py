@@ -164,8 +164,16 @@ def evaluate(model, tokenizer, args: argparse.Namespace, label: str, results: di
             if name.lower() == "none":
                 continue
             source = args.eval_data_path if (i == 0 and args.eval_data_path) else name
-            with distributed.current().sync(f"reading the evaluation data {source}"):
-                tokens = get_eval_tokens(tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path)
+            # ``d2prune sweep`` keeps the tokenized sets in ``args.eval_tokens`` between its runs.
+            memo = getattr(args, "eval_tokens", None)
+            tokens = memo.get(source) if memo is not None else None
+            if tokens is None:
+                with distributed.current().sync(f"reading the evaluation data {source}"):
+                    tokens = get_eval_tokens(
+                        tokenizer, source, data_dir=args.data_dir_path, cache_dir=args.cache_dir_path
+                    )
+                if memo is not None:
+                    memo[source] = tokens
             options = dict(
                 batch_size=args.eval_batch_size, max_windows=args.eval_windows, progress=not args.no_progress
             )

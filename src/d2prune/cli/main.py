@@ -1,5 +1,5 @@
-"""The ``d2prune`` parser and entry point: one subcommand module each (prune, eval, finetune, attention,
-pack, unpack)."""
+"""The ``d2prune`` parser and entry point: one subcommand module each (prune, sweep, eval, finetune,
+attention, pack, unpack)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from d2prune.cli import attention, common, finetune, pack, prune, unpack
+from d2prune.cli import attention, common, finetune, pack, prune, sweep, unpack
 from d2prune.cli import eval as eval_command
 from d2prune.cli.options import Parser
 from d2prune.engine import distributed
@@ -15,6 +15,7 @@ from d2prune.errors import UserError
 
 COMMANDS = {
     "prune": prune,
+    "sweep": sweep,
     "eval": eval_command,
     "finetune": finetune,
     "attention": attention,

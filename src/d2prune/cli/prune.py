@@ -10,110 +10,19 @@ from typing import Any
 
 from d2prune.cli import common, vision
 from d2prune.cli.method_options import (
-    add_method_choice,
-    add_method_options,
     check_heldout_request,
-    heldout_option,
     heldout_request,
     method_config_from_args,
     text_sources,
 )
-from d2prune.cli.options import add_model_args, argument_group, layer_sparsities, pattern
+from d2prune.cli.options import layer_sparsities, pattern
+from d2prune.cli.prune_options import add_prune_options
 from d2prune.engine import distributed
 from d2prune.errors import UserError
-from d2prune.methods.base import REFIT_GROUP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    pr = sub.add_parser("prune", help="prune a model, evaluate it, write a run record")
-    add_model_args(pr)
-    add_method_choice(pr)
-    pr.add_argument("--sparsity", "--sparsity_ratio", type=float, default=0.5, help="target sparsity (default 0.5)")
-    pr.add_argument(
-        "--pattern",
-        "--sparsity_type",
-        default="unstructured",
-        help="unstructured or N:M, N zeros per M (2:4, 4:8, 3:4)",
-    )
-    pr.add_argument("--prune_n", type=int, default=0, help=argparse.SUPPRESS)
-    pr.add_argument("--prune_m", type=int, default=0, help=argparse.SUPPRESS)
-    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows or images (default 128)")
-    pr.add_argument(
-        "--calib",
-        "--cali_dataset",
-        default="c4",
-        help="calibration source: c4, a file or a folder (default c4); an image classifier's: an image "
-        "folder (DIR/CLASS/IMAGE)",
-    )
-    pr.add_argument(
-        "--calib-data-path", "--cali_data_path", default=None, help="file or folder for the calibration source"
-    )
-    pr.add_argument("--batch-size", type=int, default=1, help="calibration windows per layer forward (default 1)")
-    pr.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity first")
-    pr.add_argument(
-        "--save-model",
-        "--save_model",
-        nargs="?",
-        const=True,
-        default=None,
-        help="save the pruned model (to PATH, or OUTPUT_DIR/model)",
-    )
-    pr.add_argument(
-        "--save-format",
-        choices=["dense", "sparse"],
-        default="dense",
-        help="dense (default): plain transformers folder; sparse: kept values + 1-bit mask, "
-        "loaded by d2prune (d2prune unpack makes it dense)",
-    )
-    pr.add_argument("--no-measure-error", action="store_true", help="skip the reconstruction-error statistic (faster)")
-    pr.add_argument(
-        "--resume",
-        default=None,
-        metavar="OUT",
-        help="continue an interrupted --offload disk run whose --output-dir was OUT (repeat its command)",
-    )
-    ls = pr.add_argument_group("layer-wise sparsity")
-    ls.add_argument(
-        "--sparsity-profile", default="uniform", help="uniform (default) or owl (outlier-weighted, per layer)"
-    )
-    ls.add_argument(
-        "--owl-lambda", type=float, default=0.08, help="OWL: per-layer sparsities within [p-λ, p+λ] (default 0.08)"
-    )
-    ls.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, times the mean score (default 5)")
-    ls.add_argument(
-        "--layer-sparsities",
-        nargs="+",
-        default=None,
-        help="explicit per-decoder-layer sparsities (numbers, or one JSON file holding a list)",
-    )
-    rf = argument_group(pr, REFIT_GROUP)
-    rf.add_argument(
-        "--refit",
-        choices=["cg", "none"],
-        default="none",
-        help="cg: re-solve each pruned linear's kept weights for the least output error on its mask "
-        "(batched preconditioned conjugate gradients); none (default): keep the method's weights",
-    )
-    rf.add_argument("--refit-iters", type=int, default=100, help="most CG iterations per linear (default 100)")
-    hs = pr.add_argument_group(heldout_title())
-    hs.add_argument("--heldout-source", default=None, help="held-out text source (default: the calibration source)")
-    hs.add_argument(
-        "--heldout-windows",
-        type=int,
-        default=16,
-        help="held-out windows, or images for an image classifier (default 16)",
-    )
-    hs.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out draw (default 1)")
-    add_method_options(pr)
-
-
-def heldout_title() -> str:
-    """The held-out section's title, naming the option value that asks for the choice and what it chooses."""
-    opt = heldout_option()
-    if opt is None:
-        return "held-out choice"
-    spec = opt.metadata["heldout"]
-    return f"{opt.flag} {spec['value']}: held-out choice of {spec['choice']}"
+    add_prune_options(sub.add_parser("prune", help="prune a model, evaluate it, write a run record"))
 
 
 def resume_policy(args: argparse.Namespace) -> None:
@@ -313,7 +222,6 @@ def summary_row(args: argparse.Namespace, config, report, ppl: dict, timings: di
 
 
 def run(args: argparse.Namespace) -> int:
-    from d2prune.data import get_calibration
     from d2prune.io.record import format_table, write_json_atomic
 
     common.check_model_options(args)
@@ -336,6 +244,26 @@ def run(args: argparse.Namespace) -> int:
         common.window_bos(args, model, tokenizer, record)
 
     calib_source = args.calib_data_path or args.calib
+    calibration = read_calibration(args, model, tokenizer, calib_source, timings)
+    if args.eval_dense:
+        t0 = time.perf_counter()
+        common.evaluate(model, tokenizer, args, "dense", ppl)
+        timings["eval_dense"] = time.perf_counter() - t0
+    done = prune_and_record(args, model, tokenizer, calibration, config, calib_source, output_dir, record, timings, ppl)
+    if done is None:
+        return 0
+    record, row = done
+    print(format_table([row], list(row)))
+    if output_dir:
+        path = write_json_atomic(output_dir / "run.json", record)
+        print(f"run record: {path}")
+    return 0
+
+
+def read_calibration(args: argparse.Namespace, model, tokenizer, calib_source: str, timings: dict):
+    """The calibration token windows, or images for an image classifier (timed as ``calibration_data``)."""
+    from d2prune.data import get_calibration
+
     t0 = time.perf_counter()
     if args.vision:
         calibration = vision.calibration(args, model, tokenizer, calib_source)
@@ -352,10 +280,23 @@ def run(args: argparse.Namespace) -> int:
                 window_bos=args.bos,
             )
     timings["calibration_data"] = time.perf_counter() - t0
-    if args.eval_dense:
-        t0 = time.perf_counter()
-        common.evaluate(model, tokenizer, args, "dense", ppl)
-        timings["eval_dense"] = time.perf_counter() - t0
+    return calibration
+
+
+def prune_and_record(
+    args: argparse.Namespace,
+    model,
+    tokenizer,
+    calibration,
+    config,
+    calib_source: str,
+    output_dir: Path | None,
+    record: dict,
+    timings: dict,
+    ppl: dict,
+) -> tuple[dict, dict] | None:
+    """Prune, evaluate and (--save-model) save; the completed run record and the summary row
+    (None on ranks other than 0, which neither print nor write)."""
     read_text_sources(args, config, tokenizer)
 
     t0 = time.perf_counter()
@@ -364,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.evaluate_all(model, tokenizer, args, "pruned", ppl, record, timings)
     if distributed.current().rank > 0:  # only rank 0 saves, prints and writes the run record
-        return 0
+        return None
     record.update(
         config=report.config,
         seed=args.seed,
@@ -382,11 +323,6 @@ def run(args: argparse.Namespace) -> int:
         resumed_at_layer=report.resumed_at_layer,
         linears=report.to_dict()["linears"],
     )
-    if args.save_model and not streamed:
+    if args.save_model and not isinstance(model, Path):
         save(args, model, tokenizer, report, output_dir, record, timings)
-    row = summary_row(args, config, report, ppl, timings)
-    print(format_table([row], list(row)))
-    if output_dir:
-        path = write_json_atomic(output_dir / "run.json", record)
-        print(f"run record: {path}")
-    return 0
+    return record, summary_row(args, config, report, ppl, timings)
