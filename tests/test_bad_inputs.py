@@ -1,5 +1,5 @@
 """A battery of bad inputs against every command that loads a model (prune, eval, finetune, attention,
-pack, unpack; image classifiers too).
+sweep, pack, unpack; image classifiers too).
 
 Each case must end with exit code 2, exactly one ``d2prune: error:`` line that says what is wrong
 (``needle``), no traceback, and no output that looks complete (no run.json, no folder holding a
@@ -459,6 +459,24 @@ CASES = [
         "taken",
         prepare=_file("taken", b"x"),
     ),
+    # sweep (a grid of prune runs on one loaded model)
+    Case("sweep-corrupt-safetensors", ("sweep", "{model}", *QUICK, "--output-dir", "{out}"), WEIGHTS, _corrupt_header),
+    Case(
+        "sweep-unknown-method",
+        ("sweep", "{model}", *QUICK, "--methods", "wandaa", "--output-dir", "{out}"),
+        "unknown method or variant 'wandaa'",
+    ),
+    Case(
+        "sweep-sparsity-out-of-range",
+        ("sweep", "{model}", *QUICK, "--methods", "wanda", "--sparsities", "1.5", "--output-dir", "{out}"),
+        "sparsity must be in [0, 1)",
+    ),
+    Case("sweep-no-output-dir", ("sweep", "{model}", *QUICK, "--methods", "wanda"), "--output-dir"),
+    Case(
+        "sweep-offload-disk",
+        ("sweep", "{model}", *QUICK, "--methods", "wanda", "--offload", "disk", "--output-dir", "{out}"),
+        "--offload",
+    ),
     # pack / unpack (compact sparse checkpoints)
     Case("pack-missing-folder", ("pack", "{tmp}/nope", "{out}"), "is not a folder"),
     Case("pack-corrupt-safetensors", ("pack", "{model}", "{out}"), WEIGHTS, _corrupt_header),
@@ -523,7 +541,7 @@ def _looks_complete(root: Path) -> list[Path]:
 
 def test_the_battery_is_big_enough():
     commands = {case.argv[0] for case in CASES}
-    assert len(CASES) >= 25 and commands == {"prune", "eval", "finetune", "attention", "pack", "unpack"}
+    assert len(CASES) >= 25 and commands == {"prune", "eval", "finetune", "attention", "pack", "unpack", "sweep"}
     assert len({case.id for case in CASES}) == len(CASES)
 
 
