@@ -30,15 +30,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from d2prune import PruneConfig, prune  # noqa: E402
 from d2prune.io.models import DEFAULT_MODEL, load_model, save_pruned  # noqa: E402
 from d2prune.io.record import format_table, package_versions  # noqa: E402
-from d2prune.io.sparse import pack_folder, read_index, unpack_folder  # noqa: E402
+from d2prune.io.sparse import folder_bytes, pack_folder, read_index, unpack_folder  # noqa: E402
 from d2prune.io.sparse_codec import SEP  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "sparse_format.json"
 SETTINGS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)]
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def linear_bytes(folder: Path, model, linears: list[str]) -> tuple[int, int]:

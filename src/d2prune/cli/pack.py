@@ -18,15 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
 
-def folder_bytes(folder) -> int:
-    """Bytes of the files directly in ``folder``."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from d2prune.io.sparse import pack_folder
+    from d2prune.io.sparse import folder_bytes, pack_folder
 
     t0 = time.perf_counter()
     out = pack_folder(args.input, args.output)

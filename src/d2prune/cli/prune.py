@@ -90,27 +90,27 @@ def check_streamable(args: argparse.Namespace, config, output_dir: Path | None) 
         raise UserError(f"{obstacle}; use --offload none")
 
 
-def read_text_sources(args: argparse.Namespace, config, tokenizer) -> None:
-    """Method options that name text (e.g. --gradient-source) become token windows drawn like the calibration's."""
+def draw_windows(args: argparse.Namespace, tokenizer, source: str, what: str):
+    """Token windows of ``source`` drawn the calibration's way (--nsamples, --seqlen, --seed, --window-bos)."""
     from d2prune.data import get_calibration
 
+    with distributed.current().sync(f"reading the {what} data"):
+        return get_calibration(
+            tokenizer,
+            source,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            data_dir=args.data_dir_path,
+            cache_dir=args.cache_dir_path,
+            window_bos=args.bos,
+        )
+
+
+def read_text_sources(args: argparse.Namespace, config, tokenizer) -> None:
+    """Method options that name text (e.g. --gradient-source) become token windows drawn like the calibration's."""
     for field, what, source in text_sources(args, config.method):
-        with distributed.current().sync(f"reading the {what} data"):
-            config.method = dataclasses.replace(
-                config.method,
-                **{
-                    field: get_calibration(
-                        tokenizer,
-                        source,
-                        nsamples=args.nsamples,
-                        seqlen=args.seqlen,
-                        seed=args.seed,
-                        data_dir=args.data_dir_path,
-                        cache_dir=args.cache_dir_path,
-                        window_bos=args.bos,
-                    )
-                },
-            )
+        config.method = dataclasses.replace(config.method, **{field: draw_windows(args, tokenizer, source, what)})
 
 
 def prune_streamed(args: argparse.Namespace, calibration, config, output_dir: Path, record: dict):
@@ -262,23 +262,11 @@ def run(args: argparse.Namespace) -> int:
 
 def read_calibration(args: argparse.Namespace, model, tokenizer, calib_source: str, timings: dict):
     """The calibration token windows, or images for an image classifier (timed as ``calibration_data``)."""
-    from d2prune.data import get_calibration
-
     t0 = time.perf_counter()
     if args.vision:
         calibration = vision.calibration(args, model, tokenizer, calib_source)
     else:
-        with distributed.current().sync("reading the calibration data"):
-            calibration = get_calibration(
-                tokenizer,
-                calib_source,
-                nsamples=args.nsamples,
-                seqlen=args.seqlen,
-                seed=args.seed,
-                data_dir=args.data_dir_path,
-                cache_dir=args.cache_dir_path,
-                window_bos=args.bos,
-            )
+        calibration = draw_windows(args, tokenizer, calib_source, "calibration")
     timings["calibration_data"] = time.perf_counter() - t0
     return calibration
 

@@ -51,6 +51,12 @@ def check_images_only(args: argparse.Namespace) -> None:
         raise UserError("--eval-images measures an image classifier's accuracy; this model is a causal LM")
 
 
+def _labels(model: Any) -> dict[str, Any]:
+    """The model's ``label2id`` and ``num_labels``, which index and check an image folder's classes."""
+    config = model_config(model)
+    return {"label2id": getattr(config, "label2id", None), "num_labels": getattr(config, "num_labels", None)}
+
+
 def calibration(args: argparse.Namespace, model: Any, processor: Any, source: str) -> dict:
     """``--nsamples`` images drawn with ``--seed`` from the image folder ``source`` (ImageNet layout)."""
     from d2prune.data.images import get_image_calibration
@@ -60,16 +66,8 @@ def calibration(args: argparse.Namespace, model: Any, processor: Any, source: st
             f"an image classifier calibrates on images: pass --calib IMAGE_FOLDER (class sub-folders of images), "
             f"not {source!r}"
         )
-    config = model_config(model)
     with distributed.current().sync("reading the calibration images"):
-        return get_image_calibration(
-            processor,
-            source,
-            nsamples=args.nsamples,
-            seed=args.seed,
-            label2id=getattr(config, "label2id", None),
-            num_labels=getattr(config, "num_labels", None),
-        )
+        return get_image_calibration(processor, source, nsamples=args.nsamples, seed=args.seed, **_labels(model))
 
 
 def heldout(args: argparse.Namespace, model: Any, processor: Any, source: str) -> dict:
@@ -79,7 +77,6 @@ def heldout(args: argparse.Namespace, model: Any, processor: Any, source: str) -
 
     if not Path(source).expanduser().is_dir():
         raise UserError(f"held-out images come from an image folder (--heldout-source DIR), not {source!r}")
-    config = model_config(model)
     with distributed.current().sync("reading the held-out images"):
         return get_image_heldout(
             processor,
@@ -88,8 +85,7 @@ def heldout(args: argparse.Namespace, model: Any, processor: Any, source: str) -
             calib_nsamples=args.nsamples,
             calib_seed=args.seed,
             seed=args.heldout_seed,
-            label2id=getattr(config, "label2id", None),
-            num_labels=getattr(config, "num_labels", None),
+            **_labels(model),
         )
 
 
@@ -111,9 +107,8 @@ def evaluate(model: Any, processor: Any, args: argparse.Namespace, label: str, r
     from d2prune.evaluation.accuracy import evaluate_accuracy
 
     model = in_memory(args, model)
-    config = model.config
     with distributed.current().sync(f"reading the evaluation images {args.eval_images}"):
-        folder = image_folder(args.eval_images, getattr(config, "label2id", None), getattr(config, "num_labels", None))
+        folder = image_folder(args.eval_images, **_labels(model))
     home = next(model.parameters()).device
     model.to(args.device)
     try:

@@ -58,6 +58,11 @@ Every d2prune command (`eval`, `finetune`, `prune`) also takes this folder as it
 """
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the files directly in ``folder`` (a model folder: dense or sparse)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
 def is_sparse_folder(path: str | os.PathLike) -> bool:
     """A folder holding a sparse index (``model.sparse.json``)."""
     return (Path(path).expanduser() / SPARSE_INDEX).is_file()
