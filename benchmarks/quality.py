@@ -9,6 +9,7 @@ the rows of the same name in ``benchmarks/results/quality_smollm2.json``; the ta
 ``benchmarks/results/quality_smollm2.png``. The bf16 suite (pruned with bfloat16 forwards, scored in
 float32) keeps one prune and one ``d2prune eval`` process per cell: a sweep scores in the forward dtype.
 
+    .venv/bin/python benchmarks/quality.py --suite readme        # the project README's table (one sweep)
     .venv/bin/python benchmarks/quality.py                       # baseline suite
     .venv/bin/python benchmarks/quality.py --suite extended      # Pruner-Zero, OWL, D²Prune auto
     .venv/bin/python benchmarks/quality.py --suite exact         # ALPS, D²-ALPS, RIA, DSnoT, --refit cg
@@ -30,10 +31,13 @@ from common import RESULTS_DIR, ROOT, load_results, replace_block, run_d2prune, 
 
 RESULTS = RESULTS_DIR / "quality_smollm2.json"
 PLOT = RESULTS_DIR / "quality_smollm2.png"
+SELECTION_PLOT = RESULTS_DIR / "quality_readme.png"  # the project README's plot (its table's rows)
 RUNS = ROOT / "runs" / "quality"
 SWEEP = RUNS / "sweep"  # one sweep folder for every suite: its cells are named by variant and setting
 MARK_BEGIN = "<!-- quality-table:begin -->"
 MARK_END = "<!-- quality-table:end -->"
+SELECTION_BEGIN = "<!-- quality-selection:begin -->"
+SELECTION_END = "<!-- quality-selection:end -->"
 
 # name -> extra CLI arguments; D²Prune leaves v_proj un-updated, the paper's choice for LLaMA models.
 METHODS = {
@@ -70,6 +74,8 @@ METHODS = {
 EVAL_SEPARATELY = {name for name in METHODS if name.endswith("-bf16")}
 # Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
 SUITES = {
+    # The project README's table: every cell from one sweep, so one command regenerates it.
+    "readme": (["wanda", "sparsegpt", "d2prune", "alps"], ["0.5", "0.6", "0.7", "0.8", "2:4"]),
     "base": (["magnitude", "wanda", "sparsegpt", "d2prune"], ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]),
     "extended": (
         ["pruner-zero", "owl-wanda", "owl-sparsegpt", "owl-d2prune", "d2prune-auto"],
@@ -137,7 +143,7 @@ def write_table(rows: list[dict]) -> None:
     settings = []
     for r in rows:
         if r["method"] != "dense":
-            label = r["pattern"] if r["pattern"] != "unstructured" else f"{r['target']:.0%}"
+            label = setting_label(r)
             r["_setting"] = label
             if label not in settings:
                 settings.append(label)
@@ -186,6 +192,57 @@ def write_table(rows: list[dict]) -> None:
     # (which no longer carries them: it shows a hand-picked selection that links to the full table).
     replace_block(README, MARK_BEGIN, MARK_END, table)
     replace_block(ROOT / "README.md", MARK_BEGIN, MARK_END, table, append=False)
+    write_selection(rows)
+
+
+def setting_label(row: dict) -> str:
+    return row["pattern"] if row["pattern"] != "unstructured" else f"{row['target']:.0%}"
+
+
+def write_selection(rows: list[dict]) -> bool:
+    """The project README's table: the ``readme`` suite's cells from the results file, the lowest
+    perplexity of each column in bold, and ALPS against SparseGPT. Left alone unless every cell has
+    been measured by one sweep (the README says so)."""
+    methods, settings = SUITES["readme"]
+    by_key = {(r["name"].rsplit("-", 1)[0], setting_label(r)): r for r in rows if r["method"] != "dense"}
+    labels = [f"{float(s):.0%}" if ":" not in s else s for s in settings]
+    cells = {(m, lab): by_key.get((m, lab)) for m in methods for lab in labels}
+    sweeps = {c["sweep"]["command"] if c and c.get("sweep") else None for c in cells.values()}
+    dense = next((r for r in rows if r["name"] == "dense"), None)
+    if None in sweeps or len(sweeps) != 1 or dense is None:
+        print("README selection not rewritten: its cells are not all from one sweep (run --suite readme)")
+        return False
+    names = {"d2prune": "d2prune (v_proj un-updated)"}
+    best = {lab: min(cells[(m, lab)]["ppl"] for m in methods) for lab in labels}
+    lines = [
+        f"WikiText-2 perplexity of SmolLM2-135M (dense **{dense['ppl']:.2f}**) with the quick protocol (calibration",
+        "32×512 C4 windows, seed 0; first 64 WikiText-2 test windows of 512 tokens), every cell from one",
+        "`d2prune sweep` (`.venv/bin/python benchmarks/quality.py --suite readme` reruns it and rewrites this",
+        "table); a selection of the [full table](benchmarks/README.md#quality), which also has magnitude,",
+        "Pruner-Zero, OWL, D²Prune's held-out projection choice, RIA, DSnoT, D²-ALPS, `--refit cg`, 4:8,",
+        "prune times and peak memory:",
+        "",
+        "| method | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for m in methods:
+        ppl = [cells[(m, lab)]["ppl"] for lab in labels]
+        shown_ = [f"**{p:.2f}**" if p == best[lab] else f"{p:.2f}" for p, lab in zip(ppl, labels)]
+        name = f"**{m}**" if all(p == best[lab] for p, lab in zip(ppl, labels)) else names.get(m, m)
+        lines.append(f"| {name} | " + " | ".join(shown_) + " |")
+    gain = [1 - cells[("alps", lab)]["ppl"] / cells[("sparsegpt", lab)]["ppl"] for lab in labels]
+    seventy = "70%" if "70%" in labels else labels[0]
+    slower = cells[("alps", seventy)]["prune_s"] / cells[("sparsegpt", seventy)]["prune_s"]
+    lines += [
+        "",
+        f"ALPS is {' / '.join(f'{g:.0%}'.rstrip('%') for g in gain)} % below SparseGPT at "
+        f"{' / '.join(lab.rstrip('%') for lab in labels[:-1])} % / {labels[-1]}, in {slower:.2f}× SparseGPT's "
+        f"prune time ({seventy}, same sweep).",
+        "",
+        f"![WikiText-2 perplexity against sparsity]({SELECTION_PLOT.relative_to(ROOT).as_posix()})",
+    ]
+    write_plot([dense, *(c for c in cells.values())], SELECTION_PLOT)
+    return replace_block(ROOT / "README.md", SELECTION_BEGIN, SELECTION_END, "\n".join(lines), append=False)
 
 
 def sweep_command(model: str, methods: list[str], settings: list[str], protocol: list[str]) -> list[str]:
@@ -234,8 +291,8 @@ def run_sweep(args: list[str], folder: Path) -> tuple[list[dict], dict | None]:
     return rows, dense
 
 
-def write_plot(rows: list[dict]) -> None:
-    """Perplexity against achieved sparsity of every row, one line per method (d2prune sweep's plot)."""
+def write_plot(rows: list[dict], path: Path = PLOT) -> None:
+    """Perplexity against achieved sparsity of the rows, one line per method (d2prune sweep's plot)."""
     from d2prune.cli.sweep_report import plot
 
     dense = next((r["ppl"] for r in rows if r["name"] == "dense"), None)
@@ -251,7 +308,7 @@ def write_plot(rows: list[dict]) -> None:
         for r in rows
         if r["method"] != "dense"
     ]
-    plot(points, PLOT, title="SmolLM2-135M, WikiText-2 (quick protocol)")
+    plot(points, path, title="SmolLM2-135M, WikiText-2 (quick protocol)")
 
 
 def main() -> None:

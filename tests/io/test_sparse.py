@@ -127,6 +127,35 @@ def test_nm_decode_refuses_repeated_positions():
         decode(entry, parts)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "3:4", "4:6", "6:8", "2:3"])
+def test_decoding_in_steps_matches_across_step_boundaries(monkeypatch, pattern):
+    """The decoder works through a tensor in steps; with steps of 64 elements a 13x96 tensor takes
+    20 of them, the last one partial."""
+    from d2prune.io import sparse_codec
+
+    monkeypatch.setattr(sparse_codec, "_CHUNK", 64)
+    w = _pruned(13, 96, torch.bfloat16, pattern)
+    w[2, :] = 0.0
+    nm = tuple(map(int, pattern.split(":"))) if ":" in pattern else None
+    parts, entry = encode(w, nm)
+    assert entry["layout"] == ("nm" if nm else "bitmask")
+    assert _same_bits(decode(entry, parts), w)
+
+
+def test_decode_refuses_a_mask_that_marks_more_values_than_stored():
+    parts, entry = encode(_pruned(8, 32, torch.bfloat16, "unstructured"))
+    parts["mask"] = torch.full_like(parts["mask"], 255)
+    with pytest.raises(ValueError, match="marks more values"):
+        decode(entry, parts)
+
+
+def test_nm_decode_refuses_a_position_outside_its_group():
+    parts, entry = encode(_pruned(4, 6, torch.bfloat16, "2:3"), (2, 3))
+    parts["index"] = torch.full_like(parts["index"], 255)  # 2-bit position 3 in groups of 3
+    with pytest.raises(ValueError, match="out of range"):
+        decode(entry, parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # Folders
 

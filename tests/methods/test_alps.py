@@ -266,14 +266,58 @@ def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, c
         (["--method", "alps", "--alps-rho", "0"], "rho"),
         (["--method", "d2alps", "--alps-iters", "0"], "admm_iters"),
         (["--method", "alps", "--target-layers", "auto"], "--target-layers auto"),
+        (["--method", "alps", "--alps-rho", "fast"], "--alps-rho must be a positive number or 'auto'"),
+        (["--method", "sparsegpt", "--alps-rho", "auto"], "--alps-rho auto applies to ALPS methods (alps, d2alps)"),
+        (["--method", "alps", "--alps-rho", "auto", "--offload", "disk", "--output-dir", "OUT"], "--alps-rho auto prunes"),
     ],
 )
 def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cli_cache):
     from d2prune.cli import main
 
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
     assert main(["prune", str(TINY), *args, *QUICK, "--eval", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("d2prune: error:") and needle in err and "\n" not in err
+
+
+def test_rho_auto_lists_its_candidates_and_pairs_them_with_d2alps_targets():
+    from d2prune.methods.alps import RHO_CANDIDATES
+
+    alps = ALPSConfig(rho="auto")
+    assert alps.chooses_on_heldout() and not ALPSConfig().chooses_on_heldout()
+    assert {label: c.rho for label, c in alps.heldout_candidates(["q_proj"]).items()} == {
+        f"rho={r:g}": r for r in RHO_CANDIDATES
+    }
+    assert ALPSConfig().heldout_candidates(["q_proj"]) == {}
+    with pytest.raises(UserError, match="--alps-rho auto"):
+        alps.validate(["q_proj"], "Layer")
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj"]
+    both = D2ALPSConfig(rho="auto", target_layers="auto").heldout_candidates(names)
+    assert len(both) == 4 * len(RHO_CANDIDATES)
+    assert both["none, rho=0.3"].target_layers == [] and both["none, rho=0.3"].rho == 0.3
+    assert both["self_attn.k_proj, rho=0.03"].target_layers == ["self_attn.k_proj"]
+    assert list(D2ALPSConfig(rho="auto", target_layers=["self_attn.v_proj"]).heldout_candidates(names)) == [
+        f"rho={r:g}" for r in RHO_CANDIDATES
+    ]
+    assert D2ALPSConfig(target_layers="auto").heldout_candidates(names)["none"].rho == 0.1
+    with pytest.raises(UserError, match="positive or 'auto'"):
+        ALPSConfig(rho=-1.0)
+
+
+@needs_assets
+def test_cli_alps_chooses_rho_on_heldout_data(tmp_path, cli_cache):
+    from d2prune.cli import main
+    from d2prune.methods.alps import RHO_CANDIDATES
+
+    out = tmp_path / "alps-auto"
+    argv = ["prune", str(TINY), "--method", "alps", "--alps-rho", "auto", "--alps-iters", "20", "--sparsity", "0.6"]
+    assert main([*argv, "--heldout-windows", "2", "--output-dir", str(out), *QUICK]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    choice = rec["heldout_choice"]
+    assert set(choice["heldout_ppl"]) == {f"rho={r:g}" for r in RHO_CANDIDATES}
+    assert choice["chosen"] == min(choice["heldout_ppl"], key=choice["heldout_ppl"].get)
+    assert rec["config"]["method"]["rho"] == float(choice["chosen"].removeprefix("rho="))
+    assert rec["overall_sparsity"] == pytest.approx(0.6, abs=1e-3)
 
 
 def test_alps_follows_owl_and_explicit_layer_sparsities():

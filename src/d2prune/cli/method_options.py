@@ -100,9 +100,9 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*opt.flags, **kwargs)
 
 
-def heldout_option() -> MethodOption | None:
-    """The option one of whose values asks for a choice on held-out data, if any method has one."""
-    return next((opt for opt in method_options() if opt.metadata.get("heldout")), None)
+def heldout_options() -> list[MethodOption]:
+    """The options one of whose values asks for a choice on held-out data (``--target-layers auto``, ...)."""
+    return [opt for opt in method_options() if opt.metadata.get("heldout")]
 
 
 def _given(args: argparse.Namespace, md: dict[str, Any]) -> Any:
@@ -164,23 +164,24 @@ def method_config_from_args(args: argparse.Namespace) -> MethodConfig:
     return config
 
 
+def _heldout_requests(args: argparse.Namespace) -> list[MethodOption]:
+    return [opt for opt in heldout_options() if _given(args, opt.metadata) == opt.metadata["heldout"]["value"]]
+
+
 def heldout_request(args: argparse.Namespace) -> str | None:
-    """The option and value that ask for a held-out choice (e.g. ``--target-layers auto``), if given."""
-    opt = heldout_option()
-    if opt is None:
-        return None
-    value = opt.metadata["heldout"]["value"]
-    return f"{opt.flag} {value}" if _given(args, opt.metadata) == value else None
+    """The options and values that ask for a held-out choice (e.g. ``--target-layers auto``), if given."""
+    asked = [f"{opt.flag} {opt.metadata['heldout']['value']}" for opt in _heldout_requests(args)]
+    return " ".join(asked) or None
 
 
 def check_heldout_request(args: argparse.Namespace, method: MethodConfig) -> None:
     """A held-out choice asked of a method without that option is a mistake."""
-    opt = heldout_option()
-    if opt is not None and heldout_request(args) and not _has_option(method, opt.flag):
-        raise UserError(
-            f"{heldout_request(args)} applies to {opt.metadata['heldout']['for']} "
-            f"({', '.join(opt.methods)}), not to {method.name}"
-        )
+    for opt in _heldout_requests(args):
+        if not _has_option(method, opt.flag):
+            raise UserError(
+                f"{opt.flag} {opt.metadata['heldout']['value']} applies to {opt.metadata['heldout']['for']} "
+                f"({', '.join(opt.methods)}), not to {method.name}"
+            )
 
 
 def text_sources(args: argparse.Namespace, method: MethodConfig) -> list[tuple[str, str, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from d2prune.cli.method_options import add_method_choice, add_method_options, heldout_option
+from d2prune.cli.method_options import add_method_choice, add_method_options, heldout_options
 from d2prune.cli.options import add_model_args, argument_group
 from d2prune.methods.base import REFIT_GROUP
 
@@ -93,9 +93,9 @@ def add_prune_options(pr: argparse.ArgumentParser) -> None:
 
 
 def heldout_title() -> str:
-    """The held-out section's title, naming the option value that asks for the choice and what it chooses."""
-    opt = heldout_option()
-    if opt is None:
-        return "held-out choice"
-    spec = opt.metadata["heldout"]
-    return f"{opt.flag} {spec['value']}: held-out choice of {spec['choice']}"
+    """The held-out section's title, naming the option values that ask for a choice and what they choose."""
+    asked = [
+        f"{opt.flag} {opt.metadata['heldout']['value']}: held-out choice of {opt.metadata['heldout']['choice']}"
+        for opt in heldout_options()
+    ]
+    return "; ".join(asked) or "held-out choice"

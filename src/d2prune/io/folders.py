@@ -52,7 +52,8 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return (*_LOAD_ERRORS, SafetensorError)
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), for a one-line error."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     return first[:300]
@@ -68,7 +69,7 @@ def load_tokenizer(path: str | Path):
         raise
     except load_errors() as exc:
         raise UserError(
-            f"could not load the tokenizer of {path}: {_reason(exc)} (the folder needs the tokenizer files, "
+            f"could not load the tokenizer of {path}: {error_reason(exc)} (the folder needs the tokenizer files, "
             "e.g. tokenizer.json and tokenizer_config.json, of the model it was made from)"
         ) from None
 
@@ -132,7 +133,7 @@ def load_hf_folder(path: str | Path, dtype: str):
     except UserError:
         raise
     except load_errors() as exc:
-        raise UserError(f"could not load the model in {path}: {_reason(exc)}") from None
+        raise UserError(f"could not load the model in {path}: {error_reason(exc)}") from None
     return model, load_tokenizer(path)
 
 
@@ -147,7 +148,7 @@ def load_processor(path: str | Path):
     except UserError:
         raise
     except load_errors() as exc:
-        raise UserError(f"could not load the configuration or image processor of {path}: {_reason(exc)}") from None
+        raise UserError(f"could not load the configuration or image processor of {path}: {error_reason(exc)}") from None
     return load_tokenizer(path)
 
 

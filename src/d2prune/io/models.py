@@ -30,7 +30,9 @@ from d2prune.errors import UserError
 
 # Re-exported: public names that used to live here.
 from d2prune.io.folders import (  # noqa: F401
+    error_reason,
     is_image_classifier,
+    load_errors,
     load_hf_folder,
     make_savable,
     record_text,

@@ -41,13 +41,6 @@ def _pack(flags: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(flags.reshape(-1).numpy(), bitorder="little"))
 
 
-def _unpack(packed: torch.Tensor, count: int) -> np.ndarray:
-    bits = np.unpackbits(packed.numpy(), count=count, bitorder="little")
-    if bits.size != count:
-        raise ValueError(f"holds {bits.size} bits, expected {count}")
-    return bits
-
-
 def index_bits(m: int) -> int:
     """Bits of one in-group position of a group of ``m``."""
     return max((m - 1).bit_length(), 1)
@@ -80,7 +73,7 @@ def encode(t: torch.Tensor, nm: tuple[int, int] | None = None) -> tuple[dict[str
 @functools.cache
 def _nm_tables(m: int, k: int) -> tuple[np.ndarray, ...]:
     """Lookup tables over one group (M ≤ 8 bits): its stored-positions bits → (code, selected bits,
-    fits), and code → (selected bits, valid). A code is the K selected positions in increasing order,
+    fits). A code is the K selected positions in increasing order,
     ⌈log2 M⌉ bits each, little-endian; a group with fewer than K stored positions selects its first
     +0.0 positions too."""
     b = index_bits(m)
@@ -94,14 +87,7 @@ def _nm_tables(m: int, k: int) -> tuple[np.ndarray, ...]:
             code[v] = sum(p << (i * b) for i, p in enumerate(pos))
             sel[v] = sum(1 << p for p in pos)
             fits[v] = True
-    code_sel = np.zeros(1 << (k * b), np.uint8)
-    code_ok = np.zeros(1 << (k * b), np.bool_)
-    for c in range(1 << (k * b)):
-        pos = [(c >> (i * b)) & ((1 << b) - 1) for i in range(k)]
-        if all(p < m for p in pos) and all(x < y for x, y in zip(pos, pos[1:])):
-            code_sel[c] = sum(1 << p for p in pos)
-            code_ok[c] = True
-    return code, sel, fits, code_sel, code_ok
+    return code, sel, fits
 
 
 def _pack_fields(values: np.ndarray, width: int) -> np.ndarray:
@@ -148,12 +134,31 @@ def _encode_nm(flat: np.ndarray, stored: np.ndarray, nm: tuple[int, int], width:
     b = index_bits(m)
     if not 0 < n < m or m > 8 or k * b > m or width % m:
         return None  # the bitmask is as small (e.g. 4:8), or the rows do not split into groups
-    code, sel, fits, _, _ = _nm_tables(m, k)
+    code, sel, fits = _nm_tables(m, k)
     groups = _unpack_fields(np.packbits(stored, bitorder="little"), m, stored.size // m)
     if not bool(fits[groups].all()):
         return None  # a group stores more than K positions (e.g. a -0.0 among its pruned weights)
     pos = _selected_positions(sel[groups], m, stored.size)
     return flat.take(pos), _pack_fields(code[groups], k * b)
+
+
+# Elements decoded per step: a step's int64 positions stay in the CPU cache instead of one array of
+# 8 bytes per stored weight going through memory, which also bounds the decoder's scratch memory.
+_CHUNK = 1 << 18
+
+
+def _scatter_steps(out: torch.Tensor, vbits: torch.Tensor, steps) -> None:
+    """Write ``vbits`` to ``out`` (flat) in order at the positions ``steps`` yields: ``(start, flags)``,
+    the stored-flags (bool) of the elements from ``start`` on. ValueError if the counts do not fit."""
+    done = 0
+    for start, flags in steps:
+        pos = np.flatnonzero(flags)  # nonzero has a fast path for bool, not for uint8
+        if done + pos.size > vbits.numel():
+            raise ValueError(f"the mask marks more values than the file holds ({vbits.numel()})")
+        out[start : start + flags.size].scatter_(0, torch.from_numpy(pos), vbits[done : done + pos.size])
+        done += pos.size
+    if done != vbits.numel():
+        raise ValueError(f"the mask marks {done} values, the file holds {vbits.numel()}")
 
 
 def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -166,16 +171,21 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     values = parts["values"]
     if values.dtype != dtype or values.ndim != 1:
         raise ValueError(f"values are {values.dtype} {tuple(values.shape)}, expected 1-D {dtype}")
+    out = torch.empty(shape, dtype=dtype)
     vbits = _bits(values)
+    flat = _bits(out).view(-1)
+    flat.zero_()
     if entry["layout"] == "bitmask":
-        stored = _unpack(parts["mask"], numel).view(np.bool_)
-        marked = int(np.count_nonzero(stored))
-        if marked != values.numel():
-            raise ValueError(f"the mask marks {marked} values, the file holds {values.numel()}")
-        out = torch.zeros(numel, dtype=vbits.dtype)
-        # A scatter to the stored positions is branch-free: several times faster than out[stored] = values.
-        out.scatter_(0, torch.from_numpy(np.flatnonzero(stored)), vbits)
-        return out.view(dtype).reshape(shape)
+        mask = parts["mask"].numpy()
+        if mask.ndim != 1 or mask.size != (numel + 7) // 8:
+            raise ValueError(f"holds {mask.size} mask bytes, expected {(numel + 7) // 8}")
+
+        def flags(a: int) -> np.ndarray:
+            part = mask[a // 8 : (a + _CHUNK) // 8]
+            return np.unpackbits(part, count=min(_CHUNK, numel - a), bitorder="little").view(np.bool_)
+
+        _scatter_steps(flat, vbits, ((a, flags(a)) for a in range(0, numel, _CHUNK)))
+        return out
     if entry["layout"] == "nm":
         n, m = int(entry["n"]), int(entry["m"])
         k, b = m - n, index_bits(m)
@@ -186,15 +196,22 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
             raise ValueError(f"holds {values.numel()} values, expected {groups * k}")
         if m > 8:
             raise ValueError(f"pattern {n}:{m}: the nm layout covers groups of at most 8")
-        _, _, _, code_sel, code_ok = _nm_tables(m, k)
-        codes = _unpack_fields(parts["index"].numpy(), k * b, groups)
-        # Positions strictly increase within a group: none out of range, none twice.
-        if not bool(code_ok[codes].all()):
-            raise ValueError("in-group positions out of order or out of range")
-        pos = _selected_positions(code_sel[codes], m, numel)
-        out = torch.zeros(numel, dtype=vbits.dtype)
-        out.scatter_(0, torch.from_numpy(pos), vbits)
-        return out.view(dtype).reshape(shape)
+        # The index is one little-endian stream of b-bit in-group positions, K per group in order.
+        index = parts["index"].numpy()
+        if index.ndim != 1 or index.size != -(-groups * k * b // 8):
+            raise ValueError(f"holds {index.size} index bytes, expected {-(-groups * k * b // 8)}")
+        rows = flat.view(groups, m)
+        per = _CHUNK // m // 8 * 8  # groups per step: a multiple of 8, so that each step starts on a byte
+        for g in range(0, groups, per):
+            count = min(per, groups - g)
+            first, last = g * k * b // 8, -(-(g + count) * k * b // 8)
+            pos = _unpack_fields(index[first:last], b, count * k).reshape(count, k)
+            # Positions strictly increase within a group: none out of range, none twice.
+            if (k > 1 and not bool((pos[:, 1:] > pos[:, :-1]).all())) or not bool((pos[:, -1] < m).all()):
+                raise ValueError("in-group positions out of order or out of range")
+            src = vbits[g * k : (g + count) * k].view(count, k)
+            rows[g : g + count].scatter_(1, torch.from_numpy(pos.astype(np.int64)), src)
+        return out
     raise ValueError(f"unknown layout {entry['layout']!r}")
 
 

@@ -21,6 +21,7 @@ See docs/methods.md (ALPS) for the derivation in our words and where we differ f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -204,9 +205,52 @@ class ALPSPruner(LinearPruner):
         return self.rows * self.cols * self.cols * 8
 
 
+# ``rho`` = AUTO: the initial ADMM penalty is chosen on held-out data among RHO_CANDIDATES.
+AUTO = "auto"
+# The authors' 0.1 and a factor of three either side: the schedule then moves ρ by factors of 1.1-5.
+RHO_CANDIDATES = (0.03, 0.1, 0.3)
+
+
+def _rho_option(value: str) -> float | str:
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--alps-rho must be a positive number or 'auto', got {value!r}") from None
+
+
+def check_rho(rho: float | str) -> None:
+    """A UserError unless ``rho`` is a positive number or "auto"."""
+    if rho != AUTO and not (isinstance(rho, (int, float)) and rho > 0):
+        raise UserError(f"ALPS's initial rho must be positive or 'auto', got {rho!r}")
+
+
+def rho_choices(config: MethodConfig) -> dict[str, MethodConfig]:
+    """``config`` once per candidate ρ₀ when its ``rho`` is "auto" (labelled ``rho=…``), else as it is (label "")."""
+    if config.rho != AUTO:
+        return {"": config}
+    return {f"rho={r:g}": dataclasses.replace(config, rho=r) for r in RHO_CANDIDATES}
+
+
+def refuse_auto_rho(config: MethodConfig) -> None:
+    if config.rho == AUTO:
+        raise UserError(
+            "rho 'auto' is chosen on held-out data: prune through d2prune.selection.choose_on_heldout "
+            "(or the command line's --alps-rho auto)"
+        )
+
+
 # Shared with D²-ALPS (one flag each).
 OPTIONS_GROUP = "ALPS options (alps, d2alps)"
-RHO_OPTION = option("--alps-rho", help="initial ADMM penalty rho (default 0.1)", group=OPTIONS_GROUP)
+RHO_OPTION = option(
+    "--alps-rho",
+    help=f"initial ADMM penalty rho (default 0.1; 'auto': the best of {', '.join(map(str, RHO_CANDIDATES))} on held-out data)",
+    group=OPTIONS_GROUP,
+    parse=_rho_option,
+    heldout={"value": AUTO, "choice": "ALPS's initial rho", "for": "ALPS methods"},
+)
 ADMM_ITERS_OPTION = option("--alps-iters", help="at most this many ADMM iterations (default 300)", group=OPTIONS_GROUP)
 CG_ITERS_OPTION = option(
     "--alps-cg-iters", help="PCG iterations on the final support (default 10)", group=OPTIONS_GROUP
@@ -219,16 +263,24 @@ class ALPSConfig(MethodConfig):
     """ALPS with the authors' defaults: ρ₀ 0.1, ≤ 300 ADMM iterations, 10 PCG steps, 1% damping."""
 
     name = "alps"
-    rho: float = field(default=0.1, metadata=RHO_OPTION)
+    rho: float | str = field(default=0.1, metadata=RHO_OPTION)
     admm_iters: int = field(default=300, metadata=ADMM_ITERS_OPTION)
     cg_iters: int = field(default=10, metadata=CG_ITERS_OPTION)
     percdamp: float = field(default=0.01, metadata=PERCDAMP_OPTION)
 
     def __post_init__(self) -> None:
-        if not self.rho > 0:
-            raise UserError(f"ALPS's initial rho must be positive, got {self.rho}")
+        check_rho(self.rho)
         if self.admm_iters < 1 or self.cg_iters < 0:
             raise UserError(f"ALPS needs admm_iters >= 1 and cg_iters >= 0, got {self.admm_iters}, {self.cg_iters}")
+
+    def chooses_on_heldout(self) -> bool:
+        return self.rho == AUTO
+
+    def heldout_candidates(self, linear_names: list[str]) -> dict[str, MethodConfig]:
+        return rho_choices(self) if self.rho == AUTO else {}
+
+    def validate(self, linear_names: list[str], layer_class: str) -> None:
+        refuse_auto_rho(self)
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         return ALPSPruner(name, weight, self)

@@ -20,13 +20,17 @@ import torch
 from d2prune.errors import UserError
 from d2prune.methods.alps import (
     ADMM_ITERS_OPTION,
+    AUTO,
     CG_ITERS_OPTION,
     RHO_OPTION,
     ALPSPruner,
     SupportScore,
+    check_rho,
     magnitude_score,
+    refuse_auto_rho,
+    rho_choices,
 )
-from d2prune.methods.base import LinearPruner, register
+from d2prune.methods.base import LinearPruner, MethodConfig, register
 from d2prune.methods.d2prune import D2PruneConfig, D2WandaPruner, NormStats, d2_terms
 
 
@@ -60,16 +64,33 @@ class D2ALPSConfig(D2PruneConfig):
     plus ALPS's, with ALPS's defaults."""
 
     name = "d2alps"
-    rho: float = field(default=0.1, metadata=RHO_OPTION)
+    rho: float | str = field(default=0.1, metadata=RHO_OPTION)
     admm_iters: int = field(default=300, metadata=ADMM_ITERS_OPTION)
     cg_iters: int = field(default=10, metadata=CG_ITERS_OPTION)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.rho > 0:
-            raise UserError(f"ALPS's initial rho must be positive, got {self.rho}")
+        check_rho(self.rho)
         if self.admm_iters < 1 or self.cg_iters < 0:
             raise UserError(f"ALPS needs admm_iters >= 1 and cg_iters >= 0, got {self.admm_iters}, {self.cg_iters}")
+
+    def chooses_on_heldout(self) -> bool:
+        return super().chooses_on_heldout() or self.rho == AUTO
+
+    def heldout_candidates(self, linear_names: list[str]) -> dict[str, MethodConfig]:
+        """Every pairing of the un-updated projection's candidates and ρ₀'s, whichever are "auto"."""
+        if not self.chooses_on_heldout():
+            return {}
+        targets = super().heldout_candidates(linear_names) or {"": self}
+        return {
+            ", ".join(part for part in (target, rho) if part): config
+            for target, base in targets.items()
+            for rho, config in rho_choices(base).items()
+        }
+
+    def validate(self, linear_names: list[str], layer_class: str) -> None:
+        super().validate(linear_names, layer_class)
+        refuse_auto_rho(self)
 
     def make_pruner(self, name: str, weight: torch.Tensor, path: str = "") -> LinearPruner:
         if name in self.target_layers:
