@@ -268,7 +268,10 @@ def test_cli_d2alps_chooses_its_unupdated_projection_on_heldout_data(tmp_path, c
         (["--method", "alps", "--target-layers", "auto"], "--target-layers auto"),
         (["--method", "alps", "--alps-rho", "fast"], "--alps-rho must be a positive number or 'auto'"),
         (["--method", "sparsegpt", "--alps-rho", "auto"], "--alps-rho auto applies to ALPS methods (alps, d2alps)"),
-        (["--method", "alps", "--alps-rho", "auto", "--offload", "disk", "--output-dir", "OUT"], "--alps-rho auto prunes"),
+        (
+            ["--method", "alps", "--alps-rho", "auto", "--offload", "disk", "--output-dir", "OUT"],
+            "--alps-rho auto prunes",
+        ),
     ],
 )
 def test_cli_alps_mistakes_give_one_line_and_exit_2(args, needle, tmp_path, capsys, cli_cache):
