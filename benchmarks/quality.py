@@ -56,6 +56,8 @@ METHODS = {
     "d2alps-auto": ["--method", "d2alps", "--target-layers", "auto"],
     # ALPS plus D²Prune's held-out choice of one un-updated projection ("none" = plain ALPS).
     "alps-auto": ["--method", "d2alps", "--no-d2-sparsegpt", "--target-layers", "auto"],
+    # ALPS with its initial rho chosen on held-out C4 (0.03 / 0.1 / 0.3).
+    "alps-rho-auto": ["--method", "alps", "--alps-rho", "auto"],
     "ria": ["--method", "ria"],
     "ria-permute": ["--method", "ria", "--ria-permute"],
     "dsnot": ["--method", "dsnot"],
@@ -82,7 +84,17 @@ SUITES = {
         ["0.5", "0.6", "0.7", "0.8", "2:4"],
     ),
     "exact": (
-        ["alps", "ria", "dsnot", "sparsegpt-refit", "wanda-refit", "d2alps-none", "alps-auto", "d2alps-auto"],
+        [
+            "alps",
+            "ria",
+            "dsnot",
+            "sparsegpt-refit",
+            "wanda-refit",
+            "d2alps-none",
+            "alps-auto",
+            "d2alps-auto",
+            "alps-rho-auto",
+        ],
         ["0.5", "0.6", "0.7", "0.8", "2:4"],
     ),
     "bf16": (["sparsegpt-bf16", "wanda-bf16", "d2prune-bf16"], ["0.5"]),
@@ -95,6 +107,7 @@ def summarize(result: dict) -> dict:
     key = "pruned" if "pruned" in ppl else "model"
     wt = ppl[key]["wikitext2"]
     cfg = rec.get("config", {})
+    search = rec.get("target_search") or rec.get("heldout_choice")
     return {
         "name": result["name"],
         "method": cfg.get("method", {}).get("name", "dense"),
@@ -103,9 +116,9 @@ def summarize(result: dict) -> dict:
         "achieved": rec.get("overall_sparsity", 0.0),
         "ppl": wt["ppl"],
         "windows": wt["n_windows"],
-        # With --target-layers auto the prune phase is the whole search (every candidate pruned).
-        "prune_s": rec["timings"]["prune"] if "target_search" in rec else rec.get("prune_timings", {}).get("total"),
-        "target_search": rec.get("target_search"),
+        # With a held-out choice the prune phase is the whole search (every candidate pruned).
+        "prune_s": rec["timings"]["prune"] if search else rec.get("prune_timings", {}).get("total"),
+        "target_search": search,
         "wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"],
         "command": result["command"],
