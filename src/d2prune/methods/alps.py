@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2prune.errors import UserError
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
+from d2prune.methods.base import AUTO, Gram, LinearPruner, MethodConfig, option, register
 from d2prune.methods.least_squares import damp_hessian, masked_pcg, nonzero_in
 from d2prune.methods.sparsegpt import PERCDAMP_OPTION
 from d2prune.patterns import SparsityTarget
@@ -206,7 +206,6 @@ class ALPSPruner(LinearPruner):
 
 
 # ``rho`` = AUTO: the initial ADMM penalty is chosen on held-out data among RHO_CANDIDATES.
-AUTO = "auto"
 # The authors' 0.1 and a factor of three either side: the schedule then moves ρ by factors of 1.1-5.
 RHO_CANDIDATES = (0.03, 0.1, 0.3)
 

@@ -198,6 +198,8 @@ class LinearPruner:
 #   "heldout"     {"value", "choice", "for"}: this flag value asks for a choice on held-out data
 #                 (``MethodConfig.heldout_candidates``): what is chosen, and which methods can
 REFIT_GROUP = "refit: exact least squares on each linear's mask, after any method"
+# The option value that leaves a choice to held-out data (``--target-layers auto``, ``--alps-rho auto``).
+AUTO = "auto"
 
 
 def option(*flags: str, help: str, group: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 
 from d2prune.errors import UserError
 from d2prune.methods.base import (
+    AUTO,
     REFIT_GROUP,
     Gram,
     LinearPruner,
@@ -179,7 +180,6 @@ class D2SparseGPTPruner(LinearPruner):
 
 
 # ``target_layers`` = AUTO: one query/key/value projection (or none) is chosen on held-out data.
-AUTO = "auto"
 _QKV = re.compile(r"(^|\.)((q|k|v)_proj|query|key|value|qkv_proj|query_key_value|c_attn)$")
 # The default no-update linear: the key projection, named as in LLaMA-style decoders. A model whose
 # layers name it otherwise (ViT/DeiT encoder blocks: attention.k_proj) gets its own key projection.
