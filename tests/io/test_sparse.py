@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import ARCH_KEYS, build_tiny_model
 from d2prune.errors import UserError
 from d2prune.io import sparse, sparse_load
 from d2prune.io.models import save_pruned
@@ -142,6 +142,22 @@ def test_decoding_in_steps_matches_across_step_boundaries(monkeypatch, pattern):
     assert _same_bits(decode(entry, parts), w)
 
 
+@pytest.mark.parametrize("shape", [(1, 4), (3, 4), (5, 12)])
+def test_2_4_with_an_odd_number_of_groups_decodes_its_last_half_byte(shape):
+    """2:4 decodes an index byte (two groups) at a time; an odd group count leaves a padding field."""
+    w = _pruned(*shape, torch.float32, "2:4")
+    parts, entry = encode(w, (2, 4))
+    assert entry["layout"] == "nm"
+    assert _same_bits(decode(entry, parts), w)
+
+
+def test_2_4_decode_refuses_positions_in_decreasing_order():
+    parts, entry = encode(_pruned(4, 8, torch.bfloat16, "2:4"), (2, 4))
+    parts["index"] = torch.full_like(parts["index"], 0b0001_0001)  # positions (1, 0) in every group
+    with pytest.raises(ValueError, match="out of order"):
+        decode(entry, parts)
+
+
 def test_decode_refuses_a_mask_that_marks_more_values_than_stored():
     parts, entry = encode(_pruned(8, 32, torch.bfloat16, "unstructured"))
     parts["mask"] = torch.full_like(parts["mask"], 255)
@@ -211,6 +227,34 @@ def test_saved_sparse_folder_loads_bit_identical_to_the_dense_save(tmp_path, dty
     with pytest.raises(OSError, match="model.safetensors"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
     assert "d2prune unpack" in (tmp_path / "sparse" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("arch", ARCH_KEYS)
+def test_every_architecture_loads_as_from_pretrained_would(tmp_path, arch, tied, monkeypatch):
+    """The quick build (decoded tensors assigned as the weights) gives what ``from_pretrained`` gives
+    from the dense save: weights, buffers (rotary tables), tying; where it does not apply it steps aside."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(arch, tie_word_embeddings=tied).to(torch.bfloat16)
+    with torch.no_grad():
+        for lin in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            lin.weight.copy_(_pruned(*lin.weight.shape, torch.bfloat16, "unstructured"))
+    save_pruned(model, None, tmp_path / "dense", _record())
+    save_pruned(model, None, tmp_path / "sparse", _record(), save_format="sparse")
+    quick = []
+    real = sparse_load._assigned
+    monkeypatch.setattr(sparse_load, "_assigned", lambda *a: quick.append(real(*a)) or quick[-1])
+    loaded, _ = sparse_load.load_sparse(tmp_path / "sparse", "float32", tokenizer=False)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    assert _state_bits_equal(loaded, dense)
+    buffers = dict(dense.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in loaded.named_buffers())
+    assert dict(loaded.named_buffers()).keys() == buffers.keys()
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    assert not loaded.training and loaded.config.dtype == torch.float32
+    if arch == "llama-gqa":
+        assert quick[0] is not None  # the common case takes the quick build
 
 
 def test_the_sparse_save_writes_no_dense_shard_first(tmp_path, monkeypatch):

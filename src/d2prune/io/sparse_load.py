@@ -52,16 +52,49 @@ def load_sparse(folder: str | Path, dtype: str | None = None, tokenizer: bool = 
         cls = auto[cls][type(config)] if cls in auto else cls
     except KeyError:
         raise UserError(f"{folder}: transformers has no model class for {type(config).__name__}") from None
-    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch_type, output_loading_info=True)
-    bad = {
-        k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
-    }
-    if bad:
-        raise UserError(f"{folder}: the sparse weights do not fit the model in config.json ({bad})")
+    model = _assigned(cls, config, state, torch_type)
+    if model is None:  # what the quick build does not cover: transformers maps the keys, casts and ties
+        model, info = cls.from_pretrained(
+            None, config=config, state_dict=state, dtype=torch_type, output_loading_info=True
+        )
+        bad = {
+            k: sorted(v)[:3]
+            for k, v in info.items()
+            if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+        }
+        if bad:
+            raise UserError(f"{folder}: the sparse weights do not fit the model in config.json ({bad})")
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model.eval()
     return model, processor
+
+
+def _assigned(cls, config, state: dict, dtype):
+    """The model with the decoded tensors themselves as its weights (no copy, no initialisation), or
+    None when the state dict is not exactly the model's own: keys transformers renames or converts
+    on load, modules it keeps in float32, a shape that differs. ``from_pretrained`` handles those."""
+    from transformers.initialization import no_init_weights
+
+    if getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None):
+        return None
+    with no_init_weights():
+        model = cls._from_config(config, dtype=dtype)
+    own = model.state_dict()
+    if not set(state) <= set(own):
+        return None
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            return None
+    cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+    model.tie_weights()
+    # Every weight the state dict lacks must now be one of its tensors (a tied lm_head), never an
+    # uninitialised one.
+    loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in state}
+    if any(id(t) not in loaded for k, t in model.state_dict(keep_vars=True).items() if k not in state):
+        return None
+    return model
 
 
 def load_pretrained(folder: str | os.PathLike, dtype: str | None = None, device: str = "cpu"):
