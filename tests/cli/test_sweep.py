@@ -11,6 +11,7 @@ import pytest
 from conftest import QUICK_CLI, TINY, needs_assets
 from d2prune.cli import main, sweep_report
 from d2prune.cli import prune as prune_command
+from d2prune.cli import sweep as sweep_command
 
 GRID = [
     "--methods",
@@ -143,6 +144,31 @@ def test_resume_skips_finished_cells_and_refuses_changed_ones(tiny_folder, tmp_p
 
 
 @needs_assets
+def test_a_rerun_reuses_the_dense_perplexity_an_earlier_run_measured(tiny_folder, tmp_path, cli_cache, monkeypatch):
+    from d2prune.cli import common
+
+    labels, real = [], common.evaluate
+    monkeypatch.setattr(
+        common, "evaluate", lambda m, t, ns, label, res: labels.append(label) or real(m, t, ns, label, res)
+    )
+    out = tmp_path / "sweep"
+    assert sweep(tiny_folder, out, "--methods", "wanda") == 0
+    assert labels.count("dense") == 1
+    first = json.loads((out / "cells" / "wanda-0.5" / "run.json").read_text())
+    assert "sweep_dense_perplexity" not in first
+    assert sweep(tiny_folder, out, "--methods", "wanda", "d2v") == 0  # two new cells, in a new process's session
+    assert labels.count("dense") == 1 and labels.count("pruned") == 4
+    again = json.loads((out / "cells" / "d2v-0.5" / "run.json").read_text())
+    assert again["perplexity"]["dense"] == first["perplexity"]["dense"]
+    assert "earlier run" in again["sweep_dense_perplexity"]
+    # Other evaluation options: measured afresh, both kept.
+    assert sweep(tiny_folder, tmp_path / "other", "--methods", "wanda", "--eval-windows", "2") == 0
+    assert labels.count("dense") == 2
+    assert sweep(tiny_folder, out, "--methods", "wanda", "--eval-windows", "2", "--sparsities", "0.6") == 0
+    assert labels.count("dense") == 3 and len(json.loads((out / sweep_command.DENSE_CACHE).read_text())) == 2
+
+
+@needs_assets
 def test_interrupted_sweep_keeps_finished_cells_only_and_continues(
     tiny_folder, tmp_path, cli_cache, count_prunes, capsys
 ):
@@ -154,7 +180,7 @@ def test_interrupted_sweep_keeps_finished_cells_only_and_continues(
     assert (out / "cells" / "wanda-0.5" / "run.json").exists()
     # No half-written cell, and no report that would look like the grid's.
     assert not (out / "cells" / "d2v-0.5" / "run.json").exists()
-    assert not [p for p in out.rglob("*") if p.is_file() and p.name != "run.json"]
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name not in ("run.json", sweep_command.DENSE_CACHE)]
     assert not any((out / name).exists() for name in sweep_report.OUTPUTS)
     fail_at.clear()
     assert sweep(tiny_folder, out) == 0

@@ -4,7 +4,7 @@ The grid is methods (or named variants: a name for a set of prune options) × se
 unstructured sparsities, and the N:M patterns) × the optional OWL, refit and compute-dtype axes. The
 model, its tokenizer, the calibration windows and the evaluation tokens are read once; the dense
 weights are kept in memory and copied back before every cell, and the dense perplexity is measured
-once. Each cell writes ``OUT/cells/<cell>/run.json`` (atomically, last) with the same content as
+once (and kept in ``OUT/dense_perplexity.json`` for a rerun). Each cell writes ``OUT/cells/<cell>/run.json`` (atomically, last) with the same content as
 ``d2prune prune``'s, plus ``sweep_cell``: its name and the equivalent ``d2prune prune`` arguments. A
 rerun skips the cells whose run record exists with the same arguments; a record with other arguments
 is an error (the folder holds another experiment). The report (``sweep_report``) is written once
@@ -31,6 +31,7 @@ REPLACED = ("method", "sparsity", "pattern", "prune_n", "prune_m", "refit", "com
 AXES = ("methods", "variants", "sparsities", "patterns", "owl", "refits", "compute_dtypes")
 # Options that do not change a cell's result, left out of its equivalent ``d2prune prune`` command.
 NOT_IDENTITY = ("output_dir", "no_progress", "dist_timeout", "model_opt")
+DENSE_CACHE = "dense_perplexity.json"  # in the output folder: the dense model's perplexity, for a rerun
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -306,7 +307,19 @@ class Session:
         self.dense = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.calibration: dict[tuple, Any] = {}
         self.eval_tokens: dict[str, Any] = {}
-        self.dense_ppl: dict[str, dict] = {}
+        self.dense_ppl: dict[str, dict] = self._read_dense_cache()
+        self.dense_cached = set(self.dense_ppl)  # measured by an earlier run of the sweep
+
+    def _read_dense_cache(self) -> dict[str, dict]:
+        """The dense perplexities an earlier run of this sweep measured (``dense_perplexity.json``):
+        a resumed sweep of the full protocol would otherwise spend ~25 min measuring it again."""
+        import json
+
+        try:
+            cached = json.loads((self.out / DENSE_CACHE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in cached.items() if isinstance(v, dict)} if isinstance(cached, dict) else {}
 
     def run(self, cells: list[Cell]):
         """Run the cells in order under one progress bar; yields each finished cell's run record."""
@@ -352,12 +365,16 @@ class Session:
             ns, self.model, self.tokenizer, self.calibration[key], config, calib_source, folder, record, timings, ppl
         )
         record["sweep_shared_timings"] = self.timings  # the model load and the dense evaluations, done once
+        if ppl and self.dense_key(ns) in self.dense_cached:
+            record["sweep_dense_perplexity"] = f"measured by an earlier run of this sweep ({DENSE_CACHE})"
         write_json_atomic(folder / "run.json", record)
         return record
 
     def dense_perplexity(self, ns: argparse.Namespace) -> dict:
         """The dense model's perplexity under the cell's evaluation options, measured once per distinct options."""
-        key = repr((ns.eval, ns.eval_data_path, ns.seqlen, ns.eval_windows, ns.eval_batch_size, ns.compute.name(None)))
+        from d2prune.io.atomic import write_json_atomic
+
+        key = self.dense_key(ns)
         if key not in self.dense_ppl:
             self.restore()
             t0 = time.perf_counter()
@@ -365,4 +382,24 @@ class Session:
             common.evaluate(self.model, self.tokenizer, ns, "dense", ppl)
             self.timings["eval_dense"] = self.timings.get("eval_dense", 0.0) + time.perf_counter() - t0
             self.dense_ppl[key] = ppl["dense"]
+            write_json_atomic(self.out / DENSE_CACHE, self.dense_ppl)
         return self.dense_ppl[key]
+
+    @staticmethod
+    def dense_key(ns: argparse.Namespace) -> str:
+        """Everything the dense perplexity depends on: the model as loaded and the evaluation."""
+        return repr(
+            (
+                ns.model,
+                ns.dtype,
+                ns.device,
+                str(ns.data_dir_path),
+                getattr(ns, "bos", None),
+                ns.eval,
+                ns.eval_data_path,
+                ns.seqlen,
+                ns.eval_windows,
+                ns.eval_batch_size,
+                ns.compute.name(None),
+            )
+        )
