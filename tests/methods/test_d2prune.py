@@ -170,3 +170,14 @@ def test_config_validation_and_auto_s():
     with pytest.raises(UserError):
         D2PruneConfig(auto_s=True).resolve({})
     assert D2PruneConfig().to_dict()["name"] == "d2prune"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_norms_are_l2_norms_over_the_token_axis(dtype):
+    from d2prune.methods.d2prune import token_norms
+
+    x = torch.randn(3, 50, 7, generator=torch.Generator().manual_seed(2)).to(dtype)
+    expected = torch.linalg.vector_norm(x.double(), dim=1)
+    got = token_norms(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 7)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)

@@ -243,3 +243,61 @@ def test_transposed_solve_matches_the_column_loop_of_the_reference():
             ref[:, i1 + 32 :] -= err1 @ u[i1 : i1 + 32, i1 + 32 :]
         assert torch.equal(ours == 0, ref == 0)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sub", [1, 2, 3, 4, 16])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "3:4"])
+def test_sub_blocks_of_the_column_loop_match_sequential_least_squares(monkeypatch, sub, pattern):
+    """The per-column loop runs in sub-blocks (later columns of the block updated by one matmul per
+    sub-block); any sub-block size gives the textbook sequential OBS result."""
+    import d2prune.methods.sparsegpt as sparsegpt
+
+    monkeypatch.setattr(sparsegpt, "SUB_BLOCK", sub)
+    w, h = _problem(rows=5, cols=24)
+    fixed = torch.rand(5, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    if pattern == "unstructured":
+        target = SparsityTarget(0.5)
+        mask = torch.zeros(5, 24, dtype=torch.bool)
+        for b0 in (0, 12):
+            block = fixed[:, b0 : b0 + 12].reshape(1, -1)
+            mask[:, b0 : b0 + 12] = lowest_k_mask(block, target.prune_count(block.numel())).reshape(5, 12)
+    else:
+        n, m = map(int, pattern.split(":"))
+        target = SparsityTarget(n / m, Pattern(n, m))
+        mask = torch.zeros(5, 24, dtype=torch.bool)
+        mask.reshape(5, -1, m).scatter_(-1, torch.argsort(fixed.reshape(5, -1, m), dim=-1)[..., :n], True)
+    out = sparsegpt_solve(w, h, target, 0.01, 12, score=lambda w1, d, cols: fixed[:, cols]).double()
+    assert torch.equal(out == 0, mask)
+    torch.testing.assert_close(out, _sequential_ls_reference(w, _damped(h, 0.01), mask), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [SparseGPTConfig(), "d2prune"])
+def test_linears_sharing_a_gram_factor_its_hessian_once(monkeypatch, config):
+    """q/k/v (and gate/up) share one Gram: the Cholesky factor of its inverse is computed once, and
+    each linear's result is bit-identical to a solve of its own."""
+    import d2prune.methods.sparsegpt as sparsegpt
+    from d2prune.methods import D2PruneConfig
+
+    if config == "d2prune":
+        config = D2PruneConfig(target_layers=[])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 24, generator=g)
+    gram = Gram(24, "cpu")
+    gram.add(x)
+    weights = [torch.randn(rows, 24, generator=g) for rows in (12, 6, 6)]
+    calls, real = [], sparsegpt.inverse_hessian_factor
+    monkeypatch.setattr(sparsegpt, "inverse_hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    target = SparsityTarget(0.5)
+    shared = []
+    for i, w in enumerate(weights):
+        pruner = config.make_pruner(f"lin{i}", w)
+        pruner.observe(x, x @ w.t())
+        shared.append(pruner.prune(w, target, gram))
+    assert len(calls) == 1
+    for i, w in enumerate(weights):
+        alone = Gram(24, "cpu")
+        alone.add(x)
+        pruner = config.make_pruner(f"lin{i}", w)
+        pruner.observe(x, x @ w.t())
+        assert torch.equal(pruner.prune(w, target, alone), shared[i])
+    assert len(calls) == 1 + len(weights)

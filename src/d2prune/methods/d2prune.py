@@ -34,11 +34,26 @@ from d2prune.methods.base import (
     parse_names,
     register,
 )
-from d2prune.methods.sparsegpt import BLOCKSIZE_OPTION, OPTIONS_GROUP, PERCDAMP_OPTION, obs_score, sparsegpt_solve
+from d2prune.methods.sparsegpt import (
+    BLOCKSIZE_OPTION,
+    OPTIONS_GROUP,
+    PERCDAMP_OPTION,
+    obs_score,
+    shared_obs_factor,
+    sparsegpt_solve,
+)
 from d2prune.methods.wanda import InputNormStats
 from d2prune.patterns import SparsityTarget, row_mask
 
 STATS_MODES = ("mean", "reference")
+
+
+def token_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norms over the token axis (-2) of (..., tokens, width), in float32. Squares summed over a
+    strided axis: ~10x faster here than ``Tensor.norm(dim=-2)``, which was a tenth of D²Prune's
+    statistics pass."""
+    t = t.float()
+    return (t * t).sum(dim=-2).sqrt()
 
 
 class NormStats(Statistic):
@@ -70,8 +85,8 @@ class NormStats(Statistic):
         x = x.reshape(-1, x.shape[-2], x.shape[-1])
         y = y.reshape(-1, y.shape[-2], y.shape[-1])
         if self.mode == "mean":
-            self.y_sum += y.float().norm(dim=1).sum(dim=0, dtype=torch.float64)
-            self.dx_sum += x.float().norm(dim=1).sum(dim=0, dtype=torch.float64)
+            self.y_sum += token_norms(y).sum(dim=0, dtype=torch.float64)
+            self.dx_sum += token_norms(x).sum(dim=0, dtype=torch.float64)
             self.nsamples += x.shape[0]
             self._update_means()
             return
@@ -84,6 +99,7 @@ class NormStats(Statistic):
             xk = xk.float()
             if self.sqrt2k_inputs:
                 xk = math.sqrt(2 / k) * xk
+            # torch.norm, as the reference computes it: this mode reproduces its floats exactly.
             self.y += torch.norm(yk.float(), p=2, dim=0) / self.s
             self.dx += torch.norm(xk, p=2, dim=0) / self.s
 
@@ -174,9 +190,8 @@ class D2SparseGPTPruner(LinearPruner):
         assert gram is not None
         score = self.score if self.config.d2_sparsegpt else obs_score
         c = self.config
-        return sparsegpt_solve(
-            weight, gram.hessian(), target, c.percdamp, c.blocksize, score, self.name, consume_hessian=True
-        )
+        factor = shared_obs_factor(gram, c.percdamp, self.name)
+        return sparsegpt_solve(weight, None, target, c.percdamp, c.blocksize, score, self.name, factor=factor)
 
 
 # ``target_layers`` = AUTO: one query/key/value projection (or none) is chosen on held-out data.
