@@ -5,7 +5,8 @@ Calibration: 128 C4 windows of 2048 tokens (seed 0); evaluation: WikiText-2 test
 2048 tokens. That is d2prune's defaults, so each cell is ``d2prune prune smollm2-135m --method ...
 --sparsity S`` with nothing else. The six cells are one ``d2prune sweep`` in ``runs/full/sweep``
 (70 % first), resumable cell by cell: a cell takes about an hour here (D²Prune auto several), so the
-sweep spans sessions; rerun the same command to continue. ``--table-only`` writes the table of the
+sweep spans sessions; rerun the same command to continue. The cells share the machine with other
+work (and may be paused for a timing benchmark), so their times are not reported. ``--table-only`` writes the table of the
 cells finished so far (missing ones shown as such) to ``benchmarks/README.md`` and
 ``benchmarks/results/full_protocol_smollm2.json``.
 
@@ -54,8 +55,8 @@ def finished_rows() -> tuple[list[dict], dict | None]:
 
 def write_table(rows: list[dict], dense: dict | None) -> None:
     by_name = {r["name"]: r for r in rows}
-    head = "| method | 50 % | 70 % | 70 %: vs SparseGPT | prune time at 70 % |"
-    lines = [head, "|---|---|---|---|---|"]
+    head = "| method | 50 % | 70 % | 70 %: vs SparseGPT |"
+    lines = [head, "|---|---|---|---|"]
     base70 = by_name.get("sparsegpt-0.7")
     for variant in VARIANTS:
         cells = []
@@ -64,9 +65,8 @@ def write_table(rows: list[dict], dense: dict | None) -> None:
             cells.append(f"{r['ppl']:.2f}" if r else "not yet run")
         r70 = by_name.get(f"{variant}-0.7")
         vs = f"{100 * (r70['ppl'] / base70['ppl'] - 1):+.0f} %" if r70 and base70 and variant != "sparsegpt" else "-"
-        time70 = f"{r70['prune_s']:.0f} s" if r70 and r70.get("prune_s") else "-"
         label = METHODS[variant]
-        lines.append(f"| {variant} (`{' '.join(label)}`) | {' | '.join(cells)} | {vs} | {time70} |")
+        lines.append(f"| {variant} (`{' '.join(label)}`) | {' | '.join(cells)} | {vs} |")
     done = len(rows)
     lines += [
         "",
