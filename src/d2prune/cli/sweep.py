@@ -388,18 +388,7 @@ class Session:
     @staticmethod
     def dense_key(ns: argparse.Namespace) -> str:
         """Everything the dense perplexity depends on: the model as loaded and the evaluation."""
-        return repr(
-            (
-                ns.model,
-                ns.dtype,
-                ns.device,
-                str(ns.data_dir_path),
-                getattr(ns, "bos", None),
-                ns.eval,
-                ns.eval_data_path,
-                ns.seqlen,
-                ns.eval_windows,
-                ns.eval_batch_size,
-                ns.compute.name(None),
-            )
-        )
+        options = ("model", "dtype", "device", "data_dir_path", "bos", "eval", "eval_data_path", "seqlen")
+        options += ("eval_windows", "eval_batch_size")
+        values = [str(ns.data_dir_path) if k == "data_dir_path" else getattr(ns, k, None) for k in options]
+        return repr((*values, ns.compute.name(None)))
