@@ -337,6 +337,13 @@ def test_run_zero_shot_all_tasks(tiny_lm, fixture_data):
     table = format_zero_shot_table(result)
     assert "hellaswag" in table and "acc_norm" in table and "mean (7 paper tasks)" in table
 
+    # Shared-context scoring (the default) gives lm-eval's own accuracies with fewer tokens run.
+    assert result["scoring"]["method"] == "shared-context" and result["scoring"]["tokens_ratio"] < 1
+    assert "shared-context scoring" in table
+    stock = run_zero_shot(model, tok, tasks=TASKS, data_dir=fixture_data, share_contexts=False)
+    assert stock["scoring"] == {"method": "lm-eval"}
+    assert {t: stock[t]["value"] for t in TASKS} == {t: result[t]["value"] for t in TASKS}
+
     # limit cuts each task to its first items
     small = run_zero_shot(model, tok, tasks="arc_easy,winogrande", data_dir=fixture_data, limit=2, batch_size=4)
     assert small["arc_easy"]["n"] == small["winogrande"]["n"] == 2

@@ -213,6 +213,7 @@ def zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
         batch_size=args.zero_shot_batch_size,
         device=args.device,
         compute_dtype=args.compute.dtype,
+        share_contexts=getattr(args, "zero_shot_scoring", "shared-context") == "shared-context",
     )
     print(format_zero_shot_table(result))
     return result

@@ -101,6 +101,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     zs.add_argument("--limit", type=int, default=None, help="first K items of each task (quick runs)")
     zs.add_argument("--zero-shot-batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    zs.add_argument(
+        "--zero-shot-scoring",
+        choices=["shared-context", "lm-eval"],
+        default="shared-context",
+        help="shared-context (default): the choices of an item share one forward of their context; "
+        "lm-eval: lm-eval's own scoring, one forward per choice (docs/evaluation.md#zero-shot)",
+    )
 
 
 def add_window_bos(p: argparse.ArgumentParser) -> None:

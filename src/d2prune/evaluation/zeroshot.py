@@ -197,6 +197,7 @@ def run_zero_shot(
     offline: bool = True,
     add_bos_token: bool | None = None,
     compute_dtype: torch.dtype | str | None = None,
+    share_contexts: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` (already loaded, evaluated where it is) with lm-evaluation-harness.
 
@@ -209,6 +210,9 @@ def run_zero_shot(
     ``add_bos_token``: passed to lm-eval's HFLM (None = the tokenizer's default; lm-eval 0.4.4, the
     paper's version, never added BOS for causal LMs, later versions follow the tokenizer).
     ``compute_dtype``: the dtype the forwards run in (``engine.precision``; None: the model's).
+    ``share_contexts``: score the choices of an item with one forward of their shared context
+    (``evaluation.shared_context``; same answers to rounding, checked on the first item); False:
+    lm-eval's own scoring, one forward per choice.
 
     Returns ``{task: {"metric", "value", "stderr", "n", "acc", "acc_norm" (None where
     the task has none), "version", "source"}, ...,
@@ -243,7 +247,9 @@ def run_zero_shot(
         }
         if add_bos_token is not None:
             hflm_kwargs["add_bos_token"] = add_bos_token
-        lm = HFLM(**hflm_kwargs)
+        from d2prune.evaluation.shared_context import shared_context_lm
+
+        lm = shared_context_lm(HFLM)(share_contexts=share_contexts, **hflm_kwargs)
         out = simple_evaluate(
             model=lm,
             tasks=list(run_names),
@@ -288,7 +294,19 @@ def run_zero_shot(
     result["tasks"] = names
     result["limit"] = limit
     result["lm_eval_version"] = lm_eval_version()
+    result["scoring"] = _scoring_record(lm.sharing, share_contexts and lm.share_contexts)
     return result
+
+
+def _scoring_record(sharing: dict[str, Any], shared: bool) -> dict[str, Any]:
+    """How the loglikelihood requests were scored, and the tokens run against lm-eval's own scoring."""
+    if not shared:
+        out = {"method": "lm-eval"}
+        if sharing.get("checked"):
+            out["shared_context_check"] = sharing["checked"]
+        return out
+    ratio = sharing["tokens_run"] / sharing["tokens_lm_eval"] if sharing["tokens_lm_eval"] else None
+    return {"method": "shared-context", **sharing, "tokens_ratio": ratio}
 
 
 def format_zero_shot_table(result: dict[str, Any]) -> str:
@@ -312,6 +330,14 @@ def format_zero_shot_table(result: dict[str, Any]) -> str:
     if len(names) != len(paper):
         rows.append({"task": f"mean (all {len(names)})", "metric": "", "value": result.get("mean_all")})
     table = format_table(rows, ["task", "metric", "value", "stderr", "n"])
-    return f"{table}\nlm-eval {result.get('lm_eval_version', '?')}, 0-shot" + (
-        f", limit {result['limit']}" if result.get("limit") else ""
+    scoring = result.get("scoring") or {}
+    shared = (
+        f", shared-context scoring ({scoring['tokens_ratio']:.2f}x the tokens of lm-eval's)"
+        if scoring.get("method") == "shared-context" and scoring.get("tokens_ratio")
+        else ""
+    )
+    return (
+        f"{table}\nlm-eval {result.get('lm_eval_version', '?')}, 0-shot"
+        + (f", limit {result['limit']}" if result.get("limit") else "")
+        + shared
     )
