@@ -37,6 +37,19 @@ _ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
+# The safetensors dtypes with a torch dtype of the same name (the ones checkpoints hold).
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 # safetensors refuses headers above 100 MB; a larger size field is a damaged file, not a big one.
 _MAX_HEADER = 100_000_000
 
@@ -59,6 +72,13 @@ def _reason(exc: BaseException) -> str:
 
 def _damaged(path: Path, why: str) -> UserError:
     return UserError(f"{path} is not a valid safetensors file ({why}): it is truncated or damaged; copy it again")
+
+
+def safetensors_torch_dtype(name: str):
+    """The torch dtype of a safetensors header's dtype name, or None for one torch has no match for here."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[name]) if name in _TORCH_NAMES else None
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:

@@ -34,12 +34,6 @@ VERSION = 1
 _DENSE_INDEX = "model.safetensors.index.json"
 
 
-def _part_dtypes() -> dict:
-    import torch
-
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8}
-
-
 _SPARSITY_FILE = "sparsity.json"  # io.models.SPARSITY_FILE (models imports this module)
 _README = "README.md"
 _README_MARK = "<!-- d2prune sparse folder -->"
@@ -279,30 +273,26 @@ def read_index(folder: str | Path) -> dict:
 def _mapped_parts(path: Path):
     """``part(key)``: a stored tensor of the safetensors file ``path`` as a zero-copy view of a
     private (copy-on-write) memory map. The codec's parts are read once, so copying them out first,
-    as ``safe_open.get_tensor`` does, costs a quarter of a decode. Offsets are checked against the file."""
+    as ``safe_open.get_tensor`` does, costs a quarter of a decode. The header's offsets are checked
+    against the shapes and the file by ``io.integrity.safetensors_header``."""
     import mmap
     import struct
 
     import numpy as np
     import torch
 
+    from d2prune.io.integrity import safetensors_header, safetensors_torch_dtype
+
+    header = safetensors_header(path)
     with open(path, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     data = np.frombuffer(mapped, np.uint8)
-    (size,) = struct.unpack("<Q", data[:8].tobytes())
-    if size > data.size - 8:
-        raise ValueError("header longer than the file")
-    header = json.loads(data[8 : 8 + size].tobytes())
-    base = 8 + size
-    dtypes = _part_dtypes()
+    base = 8 + struct.unpack("<Q", data[:8].tobytes())[0]
 
     def part(key: str) -> torch.Tensor:
         info = header[key]
-        dtype = dtypes[info["dtype"]]
+        dtype = safetensors_torch_dtype(info["dtype"])
         first, last = (int(x) for x in info["data_offsets"])
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if not 0 <= first <= last <= data.size - base or last - first != count * dtype.itemsize:
-            raise ValueError(f"{key}: data offsets {first}..{last} do not fit its shape or the file")
         return torch.from_numpy(data[base + first : base + last]).view(dtype).reshape(info["shape"])
 
     return part

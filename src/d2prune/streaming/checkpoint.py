@@ -10,21 +10,13 @@ import torch
 from d2prune.engine.activations import available_memory
 from d2prune.errors import UserError
 from d2prune.io.folders import torch_dtype
-from d2prune.io.integrity import INDEX_FILE, check_model_folder, read_json_file, safetensors_header
-
-# safetensors header dtype names → torch dtypes (the ones checkpoints hold).
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from d2prune.io.integrity import (
+    INDEX_FILE,
+    check_model_folder,
+    read_json_file,
+    safetensors_header,
+    safetensors_torch_dtype,
+)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -88,7 +80,7 @@ class Checkpoint:
         entry = self._headers[file].get(name)
         if entry is None:
             raise UserError(f"{self.folder / file} does not hold {name}: the checkpoint is damaged or incomplete")
-        return _ST_DTYPES.get(entry["dtype"], torch.float32), tuple(entry["shape"])
+        return safetensors_torch_dtype(entry["dtype"]) or torch.float32, tuple(entry["shape"])
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Tensors ``names``; floating-point ones in ``dtype`` (as ``from_pretrained`` casts them).
