@@ -69,6 +69,7 @@ def shared_context_lm(base: type) -> type:
             super().__init__(*args, **kwargs)
             self.share_contexts = share_contexts
             self.sharing = {"requests": 0, "contexts": 0, "tokens_lm_eval": 0, "tokens_run": 0, "checked": None}
+            self._keeps_logits: bool | None = None
 
         def _loglikelihood_tokens(
             self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
@@ -86,19 +87,29 @@ def shared_context_lm(base: type) -> type:
                 else:
                     groups.setdefault(tuple(context), []).append(i)
             packs = [p for context, members in groups.items() for p in self._split(context, members, requests)]
-            if packs and self.sharing["checked"] is None and not self._check(packs[0], requests):
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            packs.sort(key=lambda p: -len(p[1]["ids"]))  # longest first, as lm-eval's batches are
+            scored: list[tuple[list[int], list[tuple[float, bool]]]] = []
+            if packs and self.sharing["checked"] is None:
+                checked = self._check(packs[0], requests)
+                if checked is None:
+                    return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+                scored.append((packs[0][0], checked))  # its answers are scored already
+            todo = sorted(packs[len(scored) :], key=lambda p: -len(p[1]["ids"]))  # longest first, as lm-eval
             batch = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
+
+            def answered():
+                """(members, answers) of every pack: the checked one, then the rest a batch at a time."""
+                yield from scored
+                for b0 in range(0, len(todo), batch):
+                    chunk = todo[b0 : b0 + batch]
+                    yield from zip([m for m, _ in chunk], self._score([p for _, p in chunk]))
+
             with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood") as bar:
-                for b0 in range(0, len(packs), batch):
-                    chunk = packs[b0 : b0 + batch]
-                    for (members, _), answers in zip(chunk, self._score([p for _, p in chunk])):
-                        for i, answer in zip(members, answers):
-                            results[i] = answer
-                            if requests[i][0] is not None:
-                                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                        bar.update(len(members))
+                for members, answers in answered():
+                    for i, answer in zip(members, answers):
+                        results[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    bar.update(len(members))
                 self.sharing["requests"] += len(requests) - len(own_path)
                 self.sharing["contexts"] += len(packs)
                 self.sharing["tokens_lm_eval"] += sum(
@@ -125,8 +136,9 @@ def shared_context_lm(base: type) -> type:
             out.append(current)
             return [(m, pack(list(context), [requests[i][2] for i in m])) for m in out]
 
-        def _check(self, piece, requests: list[Request]) -> bool:
-            """The first packed group against lm-eval's own scoring; False (and a warning) if they differ."""
+        def _check(self, piece, requests: list[Request]) -> list[tuple[float, bool]] | None:
+            """The first packed group against lm-eval's own scoring: its packed answers, or None (and a
+            warning) if they differ."""
             members, packed = piece
             theirs = super()._loglikelihood_tokens([requests[i] for i in members], disable_tqdm=True)
             try:
@@ -139,9 +151,9 @@ def shared_context_lm(base: type) -> type:
             if not worst <= tol:
                 return self._fall_back(check)
             self.sharing["checked"] = check
-            return True
+            return ours
 
-        def _fall_back(self, check: dict[str, Any]) -> bool:
+        def _fall_back(self, check: dict[str, Any]) -> None:
             log.warning(
                 "zero-shot: scoring with shared contexts does not reproduce lm-eval's on this model (%s); "
                 "every request goes through lm-eval's own path",
@@ -149,7 +161,6 @@ def shared_context_lm(base: type) -> type:
             )
             self.share_contexts = False
             self.sharing["checked"] = {**check, "fell_back": True}
-            return False
 
         def _score(self, packs: list[dict[str, Any]]) -> list[list[tuple[float, bool]]]:
             """(log-likelihood, greedy) of every continuation of each packed sequence, one forward."""
@@ -174,7 +185,9 @@ def shared_context_lm(base: type) -> type:
                 "position_ids": positions.to(device),
                 "use_cache": False,
             }
-            keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+            if self._keeps_logits is None:  # whether the forward can skip the LM head elsewhere
+                self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+            keep = self._keeps_logits
             if keep:
                 kwargs["logits_to_keep"] = torch.tensor(scored, device=device)
             mixed = getattr(self, "mixed_precision_dtype", None)

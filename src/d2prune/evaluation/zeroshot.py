@@ -294,7 +294,7 @@ def run_zero_shot(
     result["tasks"] = names
     result["limit"] = limit
     result["lm_eval_version"] = lm_eval_version()
-    result["scoring"] = _scoring_record(lm.sharing, share_contexts and lm.share_contexts)
+    result["scoring"] = _scoring_record(lm.sharing, lm.share_contexts)  # False after a fallback too
     return result
 
 
