@@ -91,13 +91,12 @@ def _nm_tables(m: int, k: int) -> tuple[np.ndarray, ...]:
 
 
 @functools.cache
-def _nm_decode_tables(m: int, k: int, whole_bytes: bool) -> tuple[np.ndarray, np.ndarray]:
+def _nm_decode_tables(m: int, k: int, per_byte: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(stored-flags, valid) of every index code: a code is K in-group positions, ⌈log2 M⌉ bits
-    each, valid when they strictly increase and lie inside the group. With ``whole_bytes`` (a code
-    as wide as its group, M dividing 8: 2:4) the tables are over index bytes, several groups each."""
+    each, valid when they strictly increase and lie inside the group. With ``per_byte`` > 1 (a code
+    as wide as its group, M dividing 8: 2:4) the tables are over index bytes of that many groups."""
     b = index_bits(m)
     width = k * b
-    per_byte = 8 // m if whole_bytes and width == m and 8 % m == 0 else 1
     size = 1 << (8 if per_byte > 1 else width)
     flags = np.zeros(size, np.uint8)
     valid = np.ones(size, np.bool_)
@@ -223,10 +222,11 @@ def decode(entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         index = parts["index"].numpy()
         if index.ndim != 1 or index.size != -(-groups * k * b // 8):
             raise ValueError(f"holds {index.size} index bytes, expected {-(-groups * k * b // 8)}")
-        tables = {whole: _nm_decode_tables(m, k, whole) for whole in (False, True)}
         per = _CHUNK // m // 8 * 8  # groups per step: a multiple of 8, so that each step starts on a byte
-
         byte_groups = k * b == m and 8 % m == 0  # 2:4: an index byte holds whole groups, as a mask byte does
+        tables = {False: _nm_decode_tables(m, k)}
+        if byte_groups:
+            tables[True] = _nm_decode_tables(m, k, 8 // m)
 
         def step(g: int) -> np.ndarray:
             count = min(per, groups - g)
