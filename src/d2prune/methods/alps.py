@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2prune.errors import UserError
-from d2prune.methods.base import AUTO, Gram, LinearPruner, MethodConfig, option, register
+from d2prune.methods.base import AUTO, Gram, LinearPruner, MethodConfig, derived, option, register
 from d2prune.methods.least_squares import damp_hessian, masked_pcg, nonzero_in
 from d2prune.methods.sparsegpt import PERCDAMP_OPTION
 from d2prune.patterns import SparsityTarget
@@ -61,11 +61,10 @@ class NormalizedGram:
 
 def normalized_gram(gram: Gram, percdamp: float) -> NormalizedGram:
     """The normalised, damped Hessian of ``gram``, computed once per Gram and percdamp."""
-    cache = getattr(gram, "cache", None)
-    key = ("alps", percdamp)
-    if cache is not None and key in cache:
-        return cache[key]
-    h = gram.hessian()
+    return derived(gram, ("alps", percdamp), lambda: _normalized(gram.hessian(), percdamp))
+
+
+def _normalized(h: torch.Tensor, percdamp: float) -> NormalizedGram:
     dead = h.diagonal() == 0
     damp_hessian(h, percdamp, inplace=True)
     norm = h.diagonal().sqrt()
@@ -73,10 +72,7 @@ def normalized_gram(gram: Gram, percdamp: float) -> NormalizedGram:
     # float64 eigendecomposition (as the authors do): float32 loses the small eigenvalues that
     # matter most once ρ is small.
     vals, vecs = torch.linalg.eigh(h.double())
-    out = NormalizedGram(h, norm, vals.float(), vecs.float(), dead)
-    if cache is not None:
-        cache[key] = out
-    return out
+    return NormalizedGram(h, norm, vals.float(), vecs.float(), dead)
 
 
 def project(z: torch.Tensor, score: torch.Tensor, target: SparsityTarget) -> torch.Tensor:

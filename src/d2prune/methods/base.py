@@ -7,6 +7,7 @@ prunes its weight. It never sees layers or models; the engine (``d2prune.engine`
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -114,6 +115,18 @@ class Gram(Statistic):
     def load_statistics(self, sums: dict[str, torch.Tensor]) -> None:
         self.sum = sums["sum"]
         self.nsamples = int(sums["nsamples"].item())
+
+
+def derived(gram: Gram, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``gram`` and ``key``, kept in the Gram's cache: what several linears
+    derive from one shared Gram (a factor, an eigendecomposition). A Gram-like object without a
+    cache computes it every time."""
+    cache = getattr(gram, "cache", None)
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 class LinearPruner:

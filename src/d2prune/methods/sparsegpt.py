@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2prune.errors import UserError
-from d2prune.methods.base import Gram, LinearPruner, MethodConfig, option, register
+from d2prune.methods.base import Gram, LinearPruner, MethodConfig, derived, option, register
 from d2prune.patterns import SparsityTarget, lowest_k_mask, nm_mask
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,7 @@ def obs_factor(hessian: torch.Tensor, percdamp: float, name: str) -> tuple[torch
 def shared_obs_factor(gram: Gram, percdamp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`obs_factor` of ``gram``'s Hessian, computed once for the linears that share the Gram
     (q/k/v, gate/up; every candidate of a held-out search) and kept in its cache."""
-    cache = getattr(gram, "cache", None)
-    key = ("obs_factor", percdamp)
-    if cache is None:
-        return obs_factor(gram.hessian(), percdamp, name)
-    if key not in cache:
-        cache[key] = obs_factor(gram.hessian(), percdamp, name)
-    return cache[key]
+    return derived(gram, ("obs_factor", percdamp), lambda: obs_factor(gram.hessian(), percdamp, name))
 
 
 def sparsegpt_solve(
