@@ -91,8 +91,9 @@ def _assigned(cls, config, state: dict, dtype):
     model.tie_weights()
     # Every weight the state dict lacks must now be one of its tensors (a tied lm_head), never an
     # uninitialised one.
-    loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in state}
-    if any(id(t) not in loaded for k, t in model.state_dict(keep_vars=True).items() if k not in state):
+    weights = model.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in weights.items() if k in state}
+    if any(id(t) not in loaded for k, t in weights.items() if k not in state):
         return None
     return model
 
