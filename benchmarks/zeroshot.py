@@ -5,9 +5,9 @@ C4 calibration windows, seed 0; the pruned models are saved under ``runs/pruned/
 ``benchmarks/attention.py``). Each model is scored by ``d2prune eval MODEL --zero-shot`` on the
 paper's seven tasks plus PIQA (lm-eval 0.4.x, 0-shot, acc_norm where the task has it, else acc).
 
-A full run is ~65,000 loglikelihood requests per model (HellaSwag alone is 40,000), about 3.5 hours
-per model on 2 CPU cores, so the default is ``--limit 50`` (the first 50 items of each task); pass
-``--limit 0`` for the full sets. Results: ``benchmarks/results/zeroshot_smollm2.json`` and a table
+A full run is ~70,000 loglikelihood requests per model (HellaSwag alone is 40,000), 2.47 M tokens with
+shared contexts: ~2.4 hours per model in float32 on 2 AVX2 cores (``benchmarks/zeroshot_cost.py``),
+so the default is ``--limit 50`` (the first 50 items of each task); pass ``--limit 0`` for the full sets. Results: ``benchmarks/results/zeroshot_smollm2.json`` and a table
 in ``benchmarks/README.md``.
 
     .venv/bin/python benchmarks/zeroshot.py [--limit 50]
