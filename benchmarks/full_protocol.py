@@ -4,8 +4,9 @@ SmolLM2-135M with the paper's protocol, the closest this machine gets to the pub
 Calibration: 128 C4 windows of 2048 tokens (seed 0); evaluation: WikiText-2 test, every window of
 2048 tokens. That is d2prune's defaults, so each cell is ``d2prune prune smollm2-135m --method ...
 --sparsity S`` with nothing else. The six cells are one ``d2prune sweep`` in ``runs/full/sweep``
-(70 % first), resumable cell by cell: a cell takes about an hour here (D²Prune auto several), so the
-sweep spans sessions; rerun the same command to continue. The cells share the machine with other
+(70 % first), resumable cell by cell: a cell takes about an hour here, so the sweep spans sessions;
+rerun the same command to continue. D²Prune auto prunes four candidates (~30 min each) before its
+evaluation, longer than one session, and resumes within its cell candidate by candidate. The cells share the machine with other
 work (and may be paused for a timing benchmark), so their times are not reported. ``--table-only`` writes the table of the
 cells finished so far (missing ones shown as such) to ``benchmarks/README.md`` and
 ``benchmarks/results/full_protocol_smollm2.json``.

@@ -69,11 +69,16 @@ METHODS = {
     "d2prune-bf16": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--compute-dtype", "bfloat16"],
     "magnitude-bf16": ["--method", "magnitude", "--compute-dtype", "bfloat16"],
     "alps-bf16": ["--method", "alps", "--compute-dtype", "bfloat16"],
+    # Their float32 twins, pruned and scored the same way in the same suite run: the bf16 rows' peers.
+    "sparsegpt-fp32": ["--method", "sparsegpt", "--compute-dtype", "float32"],
+    "wanda-fp32": ["--method", "wanda", "--compute-dtype", "float32"],
+    "d2prune-fp32": ["--method", "d2prune", "--target-layers", "self_attn.v_proj", "--compute-dtype", "float32"],
 }
 # Methods whose model is pruned with --eval none --save-model and then scored by a separate
 # `d2prune eval` in float32: the bf16 rows measure what bfloat16 forwards do to *pruning*, not
 # bfloat16 logits (which move perplexity by themselves; see benchmarks/README.md#compute-dtype).
-EVAL_SEPARATELY = {name for name in METHODS if name.endswith("-bf16")}
+EVAL_SEPARATELY = {name for name in METHODS if name.endswith(("-bf16", "-fp32"))}
+DTYPE_BEGIN, DTYPE_END = "<!-- dtype-quality:begin -->", "<!-- dtype-quality:end -->"
 # Two suites: the baseline methods over every setting, and the later additions (OWL has no N:M form).
 SUITES = {
     # The project README's table: every cell from one sweep, so one command regenerates it.
@@ -97,7 +102,10 @@ SUITES = {
         ],
         ["0.5", "0.6", "0.7", "0.8", "2:4"],
     ),
-    "bf16": (["sparsegpt-bf16", "wanda-bf16", "d2prune-bf16"], ["0.5"]),
+    "bf16": (
+        ["sparsegpt-bf16", "wanda-bf16", "d2prune-bf16", "sparsegpt-fp32", "wanda-fp32", "d2prune-fp32"],
+        ["0.7", "0.5"],
+    ),
 }
 
 
@@ -140,6 +148,19 @@ def prune_then_evaluate(name: str, cmd: list[str], common: list[str]) -> dict:
         "peak_rss_mb": max(pruned["peak_rss_mb"], scored["peak_rss_mb"]),
         "record": record,
     }
+
+
+def write_dtype_table(rows: list[dict]) -> None:
+    """bfloat16 forwards against float32 forwards, pruned and scored the same way (the bf16 suite)."""
+    by_name = {r["name"]: r for r in rows}
+    lines = ["| method | sparsity | float32 forwards | bfloat16 forwards | change |", "|---|---|---|---|---|"]
+    for method in ("sparsegpt", "wanda", "d2prune"):
+        for s in ("0.5", "0.7"):
+            f32, b16 = by_name.get(f"{method}-fp32-{s}"), by_name.get(f"{method}-bf16-{s}")
+            change = f"{100 * (b16['ppl'] / f32['ppl'] - 1):+.1f} %" if f32 and b16 else ""
+            cells = [f"{r['ppl']:.2f}" if r else "not measured" for r in (f32, b16)]
+            lines.append(f"| {method} | {float(s):.0%} | {cells[0]} | {cells[1]} | {change} |")
+    replace_block(README, DTYPE_BEGIN, DTYPE_END, "\n".join(lines), append=False)
 
 
 def setting_args(setting: str) -> list[str]:
@@ -340,6 +361,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.table_only:
         write_table(json.loads(RESULTS.read_text()))
+        write_dtype_table(json.loads(RESULTS.read_text()))
         return
     args.methods = args.methods or SUITES[args.suite][0]
     args.settings = args.settings or SUITES[args.suite][1]
@@ -382,6 +404,7 @@ def main() -> None:
             print(f"{name}: ppl {res['ppl']:.2f}  sparsity {res['achieved']:.4f}  prune {res['prune_s'] or 0:.0f}s")
             results = [r for r in results if r["name"] != name] + [res]
             save_results(RESULTS, results)
+            write_dtype_table(results)
     write_table(results)
 
 

@@ -84,6 +84,9 @@ def main() -> None:
         overhead_s = time.perf_counter() - start  # task building + tokenisation: no forward ran
         lm = made[-1]
         packs = sorted(lm.recorded, key=lambda p: -len(p["ids"]))
+        # The recorder stands in for the scorer's private steps: fail loudly if those have moved.
+        if sum(len(p["ids"]) for p in packs) != lm.sharing["tokens_run"] or len(packs) != lm.sharing["contexts"]:
+            raise SystemExit("zeroshot_cost: the recorded packs disagree with the scorer's own counts")
         batches = [packs[i : i + args.batch_size] for i in range(0, len(packs), args.batch_size)]
         sample = batches[args.every // 2 :: args.every] or batches[:1]
         t0 = time.perf_counter()

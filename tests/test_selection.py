@@ -157,3 +157,64 @@ def test_cli_auto_never_reads_the_evaluation_text(tmp_path, monkeypatch):
     )
     held = next(e[1] for e in events if not isinstance(e, str))
     assert not any(torch.equal(h, c) for h in held for c in calib)
+
+
+@pytest.mark.parametrize("scored", [2, 3])  # the winner (v_proj, third) pruned after the resume, or read back
+def test_an_interrupted_search_resumes_from_its_progress_folder(tmp_path, monkeypatch, scored):
+    """Candidates scored before an interruption are not pruned again, and the result (choice, scores,
+    weights, report) is bit-identical to an uninterrupted search; another identity starts afresh."""
+    import d2prune.selection as selection
+
+    ids = make_calibration_ids(windows=4, tokens=16)
+    heldout = make_calibration_ids(windows=3, tokens=16, seed=99)
+    config = d2prune.PruneConfig(method=D2PruneConfig(target_layers="auto"), sparsity=0.6, progress=False)
+    whole = build_tiny_model("llama-gqa")
+    want_report, want = choose_on_heldout(whole, ids, heldout, config)
+
+    real_prune, calls = selection.prune, []
+
+    def prune_until(limit):
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > limit:
+                raise KeyboardInterrupt
+            return real_prune(*args, **kwargs)
+
+        return counted
+
+    progress = tmp_path / "progress"
+    monkeypatch.setattr(selection, "prune", prune_until(scored))
+    with pytest.raises(KeyboardInterrupt):
+        choose_on_heldout(build_tiny_model("llama-gqa"), ids, heldout, config, progress_dir=progress, identity="a")
+    assert len(list(progress.glob("best-*.safetensors"))) == 1
+
+    calls.clear()
+    monkeypatch.setattr(selection, "prune", prune_until(99))
+    model = build_tiny_model("llama-gqa")
+    report, got = choose_on_heldout(model, ids, heldout, config, progress_dir=progress, identity="a")
+    assert want["chosen"] == "self_attn.v_proj"
+    assert len(calls) == 4 - scored  # only the candidates the interrupted run had not scored
+    assert got.pop("scored_by_an_interrupted_run") == list(want["heldout_ppl"])[:scored]
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model).values(), _weights(whole).values()))
+
+    def untimed(r):
+        d = r.to_dict()
+        return {**d, "timings": None, "linears": [{**lin, "seconds": None} for lin in d["linears"]]}
+
+    assert untimed(report) == untimed(want_report)
+    assert report.overall_sparsity == want_report.overall_sparsity
+
+    calls.clear()  # the same folder under another identity (another command) is not reused
+    choose_on_heldout(build_tiny_model("llama-gqa"), ids, heldout, config, progress_dir=progress, identity="b")
+    assert len(calls) == 4
+
+
+def test_prune_report_round_trips_through_its_dict():
+    from d2prune.report import PruneReport
+
+    report = d2prune.prune(
+        build_tiny_model("llama-gqa"), make_calibration_ids(), d2prune.PruneConfig(method="sparsegpt", sparsity=0.5)
+    )
+    back = PruneReport.from_dict({**report.to_dict(), "zeros": report.zeros, "weights": report.weights})
+    assert back == report

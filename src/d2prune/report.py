@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -66,6 +66,14 @@ class PruneReport:
             "overall_sparsity": self.overall_sparsity,
             "linears": {lin.name: lin.sparsity for lin in self.linears},
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
+        """A report from ``to_dict``'s output; ``zeros`` and ``weights`` (which it leaves out) come
+        from ``d`` where present, so a caller that needs ``overall_sparsity`` back stores them too."""
+        own = {f.name for f in fields(cls)} - {"linears"}
+        linears = [LinearReport(**lin) for lin in d.get("linears", [])]
+        return cls(linears=linears, **{k: v for k, v in d.items() if k in own})
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -6,11 +6,19 @@ or for an image classifier by its mean cross-entropy on held-out images (not cal
 and the lowest wins. For D²Prune the paper tries "w/o q", "w/o k" and "w/o v" and keeps the one with
 the lowest WikiText-2 *test* perplexity (docs/methods.md#target-layers); we score on held-out data instead, and also try
 "none" (every linear updated).
+
+With ``progress_dir`` the search can be resumed candidate by candidate: after each candidate the
+scores so far, the best one's report and its pruned weights (``best.safetensors``) are written there
+(rank 0 only), and a rerun with the same ``identity``, candidates and held-out data skips the
+candidates already scored. At the full protocol one candidate is a whole prune of ~30 min here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +26,7 @@ from tqdm.auto import tqdm
 
 from d2prune.api import prune
 from d2prune.config import PruneConfig
+from d2prune.engine import distributed
 from d2prune.engine.architecture import find_decoder_stack, find_linears
 from d2prune.errors import UserError
 from d2prune.evaluation.perplexity import evaluate_ppl
@@ -37,6 +46,8 @@ def choose_on_heldout(
     heldout: torch.LongTensor | dict[str, torch.Tensor],
     config: PruneConfig,
     candidates: dict[str, MethodConfig] | None = None,
+    progress_dir: Path | None = None,
+    identity: str = "",
 ) -> tuple[PruneReport, dict[str, Any]]:
     """Prune ``model`` once per candidate method config and keep the one with the lowest held-out
     perplexity; ``model`` ends pruned with the winner. Returns its report and the choice's record
@@ -45,7 +56,8 @@ def choose_on_heldout(
     ``heldout`` is a LongTensor (windows, tokens), each row one evaluation window, scored as given (with
     ``--window-bos`` the windows carry BOS first already: ``d2prune.data.get_heldout(..., window_bos=...)``);
     or, for an image classifier, ``{"pixel_values", "labels"}`` (scored by the mean cross-entropy:
-    ``heldout_loss``).
+    ``heldout_loss``). ``progress_dir`` and ``identity`` (what else the run depends on, e.g. its
+    command): resume an interrupted search (module docstring).
     """
     images = isinstance(heldout, dict)
     candidates = candidates if candidates is not None else heldout_candidates(model, config)
@@ -57,9 +69,12 @@ def choose_on_heldout(
     }
     dense = {k: w.detach().to("cpu", copy=True) for k, w in weights.items()}
     device = torch.device(config.device)
-    scores: dict[str, float] = {}
-    best: tuple[float, str, PruneReport, dict[str, torch.Tensor]] | None = None
+    key = _fingerprint(identity, list(candidates), heldout)
+    scores, best = _read_progress(progress_dir, key) if progress_dir is not None else ({}, None)
+    resumed = list(scores)
     for label, method in tqdm(candidates.items(), desc="held-out choice", disable=not config.progress):
+        if label in scores:
+            continue  # scored by an interrupted run of the same search
         with torch.no_grad():
             for k, w in weights.items():
                 w.copy_(dense[k])
@@ -75,20 +90,26 @@ def choose_on_heldout(
         finally:
             model.to(home)
         scores[label] = ppl
-        if best is None or ppl < best[0]:
+        improved = best is None or ppl < best[0]
+        if improved:
             best = (ppl, label, report, {k: w.detach().to("cpu", copy=True) for k, w in weights.items()})
+        if progress_dir is not None and distributed.current().rank == 0:
+            _write_progress(progress_dir, key, scores, best, improved)
     assert best is not None
     with torch.no_grad():
         for k, w in weights.items():
             w.copy_(best[3][k])
     if images:
-        return best[2], {"chosen": best[1], "heldout_loss": scores, "heldout_images": int(heldout["labels"].shape[0])}
+        record = {"chosen": best[1], "heldout_loss": scores, "heldout_images": int(heldout["labels"].shape[0])}
+        return best[2], {**record, **({"scored_by_an_interrupted_run": resumed} if resumed else {})}
     record = {
         "chosen": best[1],
         "heldout_ppl": scores,
         "heldout_windows": int(heldout.shape[0]),
         "heldout_seqlen": int(heldout.shape[1]),
     }
+    if resumed:
+        record["scored_by_an_interrupted_run"] = resumed
     return best[2], record
 
 
@@ -99,3 +120,50 @@ def _image_loss(model: torch.nn.Module, heldout: dict[str, torch.Tensor], config
     n, size = heldout["labels"].shape[0], config.batch_size
     batches = [{k: v[i : i + size] for k, v in heldout.items()} for i in range(0, n, size)]
     return evaluate_accuracy(model, batches, progress=False).loss
+
+
+PROGRESS = "progress.json"
+
+
+def _fingerprint(identity: str, labels: list[str], heldout: torch.Tensor | dict[str, torch.Tensor]) -> str:
+    """What a resumed search must share with the interrupted one: the caller's identity, the
+    candidates in order and the held-out data's bytes."""
+    digest = hashlib.sha256(json.dumps([identity, labels]).encode())
+    for t in heldout.values() if isinstance(heldout, dict) else [heldout]:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_progress(folder: Path, key: str) -> tuple[dict[str, float], tuple | None]:
+    """The scores and best candidate an interrupted search with the same fingerprint left in ``folder``."""
+    from safetensors.torch import load_file
+
+    try:
+        saved = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
+        if saved.get("key") != key:
+            return {}, None  # another search's progress: start afresh (it is overwritten)
+        label = saved["best"]
+        weights = load_file(folder / saved["weights_file"])
+        return dict(saved["scores"]), (saved["scores"][label], label, PruneReport.from_dict(saved["report"]), weights)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, None
+
+
+def _write_progress(folder: Path, key: str, scores: dict[str, float], best: tuple, improved: bool) -> None:
+    """The scores, then the best's report and weights; a crash at any point leaves a readable state."""
+    from safetensors.torch import save_file
+
+    from d2prune.io.atomic import atomic_path, write_json_atomic
+
+    ppl, label, report, weights = best
+    # One weights file per best so far, written before the record that names it; older ones go after.
+    name = f"best-{hashlib.sha256(label.encode()).hexdigest()[:12]}.safetensors"
+    if improved:
+        with atomic_path(folder / name) as tmp:
+            save_file({k: w.contiguous() for k, w in weights.items()}, str(tmp))
+    report_dict = {**report.to_dict(), "zeros": report.zeros, "weights": report.weights}
+    record = {"key": key, "scores": scores, "best": label, "weights_file": name, "report": report_dict}
+    write_json_atomic(folder / PROGRESS, record)
+    for old in folder.glob("best-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)

@@ -285,3 +285,37 @@ def test_report_metric_is_perplexity_or_accuracy_whichever_the_record_has(tmp_pa
     assert not sweep_report.plot([{**rows[0], "pruned": None}], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
     assert "| a-2:4 | wanda | 2:4 |" in sweep_report.markdown_table(rows)
+
+
+@needs_assets
+def test_an_interrupted_held_out_search_resumes_within_its_cell(tiny_folder, tmp_path, cli_cache, monkeypatch, capsys):
+    # At the full protocol one candidate of --target-layers auto is a whole prune: a rerun keeps the
+    # candidates scored before the interruption and removes the progress once the cell is recorded.
+    import d2prune.selection as selection
+
+    real, calls = selection.prune, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "prune", counted)
+    out = tmp_path / "sweep"
+    grid = ["--methods", "d2auto", "--variant", "d2auto=--method d2prune --target-layers auto", "--sparsities", "0.5"]
+    argv = ["sweep", str(tiny_folder), *grid, *QUICK_CLI, "--output-dir", str(out)]
+    assert main(argv) == 130
+    cell = out / "cells" / "d2auto-0.5"
+    assert not (cell / "run.json").exists() and (cell / "heldout-progress" / "progress.json").is_file()
+    assert main(argv) == 0
+    assert len(calls) == 3 + 2  # the two unscored candidates only
+    record = json.loads((cell / "run.json").read_text())
+    assert record["target_search"]["scored_by_an_interrupted_run"] == ["self_attn.q_proj", "self_attn.k_proj"]
+    assert not (cell / "heldout-progress").exists()
+    solo = tmp_path / "solo"
+    monkeypatch.setattr(selection, "prune", real)
+    assert main(["prune", *record["sweep_cell"]["argv"], "--no-progress", "--output-dir", str(solo)]) == 0
+    alone = json.loads((solo / "run.json").read_text())
+    assert ppl(record) == ppl(alone)
+    assert record["target_search"]["heldout_ppl"] == alone["target_search"]["heldout_ppl"]

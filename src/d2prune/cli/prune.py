@@ -158,7 +158,11 @@ def prune_choosing_on_heldout(
                 data_dir=args.data_dir_path,
                 window_bos=args.bos,
             )
-    report, choice = selection.choose_on_heldout(model, calibration, heldout, config)
+    # `d2prune sweep` keeps each cell's search resumable: (folder, identity) of the cell.
+    folder, identity = getattr(args, "heldout_progress", (None, ""))
+    report, choice = selection.choose_on_heldout(
+        model, calibration, heldout, config, progress_dir=folder, identity=identity
+    )
     choice["heldout_source"] = args.heldout_source or calib_source
     choice["heldout_seed"] = args.heldout_seed
     record[config.method.heldout_record_key] = choice

@@ -8,7 +8,7 @@ once (and kept in ``OUT/dense_perplexity.json`` for a rerun). Each cell writes `
 ``d2prune prune``'s, plus ``sweep_cell``: its name and the equivalent ``d2prune prune`` arguments. A
 rerun skips the cells whose run record exists with the same arguments; a record with other arguments
 is an error (the folder holds another experiment). The report (``sweep_report``) is written once
-every cell is done.
+every cell is done. A held-out search within a cell resumes candidate by candidate (``selection``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import copy
 import re
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,6 +362,7 @@ class Session:
             self.calibration[key] = prune.read_calibration(ns, self.model, self.tokenizer, calib_source, timings)
         ppl = {"dense": self.dense_perplexity(ns)} if any(e.lower() != "none" for e in ns.eval) else {}
         self.restore()
+        ns.heldout_progress = (folder / "heldout-progress", record["command"])  # a held-out search resumes
         record, _ = prune.prune_and_record(
             ns, self.model, self.tokenizer, self.calibration[key], config, calib_source, folder, record, timings, ppl
         )
@@ -368,6 +370,7 @@ class Session:
         if ppl and self.dense_key(ns) in self.dense_cached:
             record["sweep_dense_perplexity"] = f"measured by an earlier run of this sweep ({DENSE_CACHE})"
         write_json_atomic(folder / "run.json", record)
+        shutil.rmtree(folder / "heldout-progress", ignore_errors=True)
         return record
 
     def dense_perplexity(self, ns: argparse.Namespace) -> dict:
