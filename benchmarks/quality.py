@@ -360,8 +360,9 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="only rewrite the table and plot from the results file")
     args = ap.parse_args()
     if args.table_only:
-        write_table(json.loads(RESULTS.read_text()))
-        write_dtype_table(json.loads(RESULTS.read_text()))
+        rows = json.loads(RESULTS.read_text())
+        write_table(rows)
+        write_dtype_table(rows)
         return
     args.methods = args.methods or SUITES[args.suite][0]
     args.settings = args.settings or SUITES[args.suite][1]

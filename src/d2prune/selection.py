@@ -8,7 +8,7 @@ the lowest WikiText-2 *test* perplexity (docs/methods.md#target-layers); we scor
 "none" (every linear updated).
 
 With ``progress_dir`` the search can be resumed candidate by candidate: after each candidate the
-scores so far, the best one's report and its pruned weights (``best.safetensors``) are written there
+scores so far, the best one's report and its pruned weights (``best-*.safetensors``) are written there
 (rank 0 only), and a rerun with the same ``identity``, candidates and held-out data skips the
 candidates already scored. At the full protocol one candidate is a whole prune of ~30 min here.
 """
@@ -101,13 +101,13 @@ def choose_on_heldout(
             w.copy_(best[3][k])
     if images:
         record = {"chosen": best[1], "heldout_loss": scores, "heldout_images": int(heldout["labels"].shape[0])}
-        return best[2], {**record, **({"scored_by_an_interrupted_run": resumed} if resumed else {})}
-    record = {
-        "chosen": best[1],
-        "heldout_ppl": scores,
-        "heldout_windows": int(heldout.shape[0]),
-        "heldout_seqlen": int(heldout.shape[1]),
-    }
+    else:
+        record = {
+            "chosen": best[1],
+            "heldout_ppl": scores,
+            "heldout_windows": int(heldout.shape[0]),
+            "heldout_seqlen": int(heldout.shape[1]),
+        }
     if resumed:
         record["scored_by_an_interrupted_run"] = resumed
     return best[2], record
@@ -128,10 +128,10 @@ PROGRESS = "progress.json"
 def _fingerprint(identity: str, labels: list[str], heldout: torch.Tensor | dict[str, torch.Tensor]) -> str:
     """What a resumed search must share with the interrupted one: the caller's identity, the
     candidates in order and the held-out data's bytes."""
-    digest = hashlib.sha256(json.dumps([identity, labels]).encode())
-    for t in heldout.values() if isinstance(heldout, dict) else [heldout]:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    from d2prune.streaming.resume import calibration_sha256  # the same digest of tensor batches
+
+    data = calibration_sha256([heldout if isinstance(heldout, dict) else {"input_ids": heldout}])
+    return hashlib.sha256(json.dumps([identity, labels, data]).encode()).hexdigest()
 
 
 def _read_progress(folder: Path, key: str) -> tuple[dict[str, float], tuple | None]:
@@ -150,12 +150,13 @@ def _read_progress(folder: Path, key: str) -> tuple[dict[str, float], tuple | No
 
 
 def _write_progress(folder: Path, key: str, scores: dict[str, float], best: tuple, improved: bool) -> None:
-    """The scores, then the best's report and weights; a crash at any point leaves a readable state."""
+    """The best's weights (when it changed), then the scores and its report; a crash at any point
+    leaves a readable state."""
     from safetensors.torch import save_file
 
     from d2prune.io.atomic import atomic_path, write_json_atomic
 
-    ppl, label, report, weights = best
+    _, label, report, weights = best
     # One weights file per best so far, written before the record that names it; older ones go after.
     name = f"best-{hashlib.sha256(label.encode()).hexdigest()[:12]}.safetensors"
     if improved:
