@@ -210,6 +210,75 @@ def test_an_interrupted_search_resumes_from_its_progress_folder(tmp_path, monkey
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("scored", [2, 3])  # the winner (v_proj, third) scored after the resume, or before it
+def test_a_search_resumes_from_its_scores_alone_pruning_a_lost_winner_again(tmp_path, monkeypatch, scored):
+    """With the best weights file gone (only progress.json moved to another machine), the resumed search
+    prunes the unscored candidates, then the winner again if the interrupted run had scored it, and
+    returns the same choice, scores and weights as an uninterrupted search."""
+    import d2prune.selection as selection
+
+    ids = make_calibration_ids(windows=4, tokens=16)
+    heldout = make_calibration_ids(windows=3, tokens=16, seed=99)
+    config = d2prune.PruneConfig(method=D2PruneConfig(target_layers="auto"), sparsity=0.6, progress=False)
+    whole = build_tiny_model("llama-gqa")
+    _, want = choose_on_heldout(whole, ids, heldout, config)
+    assert want["chosen"] == "self_attn.v_proj"
+
+    real_prune, calls = selection.prune, []
+
+    def counted(limit):
+        def run(model, calibration, cfg):
+            calls.append(cfg.method.target_layers)
+            if len(calls) > limit:
+                raise KeyboardInterrupt
+            return real_prune(model, calibration, cfg)
+
+        return run
+
+    progress = tmp_path / "progress"
+    monkeypatch.setattr(selection, "prune", counted(scored))
+    with pytest.raises(KeyboardInterrupt):
+        choose_on_heldout(build_tiny_model("llama-gqa"), ids, heldout, config, progress_dir=progress, identity="a")
+    saved = json.loads((progress / "progress.json").read_text())
+    for f in progress.glob("best-*.safetensors"):
+        f.unlink()
+
+    calls.clear()
+    monkeypatch.setattr(selection, "prune", counted(99))
+    model = build_tiny_model("llama-gqa")
+    _, got = choose_on_heldout(model, ids, heldout, config, progress_dir=progress, identity="a")
+    # Candidates run in the order q, k, v, none; v wins.
+    assert calls == {2: [["self_attn.v_proj"], []], 3: [[], ["self_attn.v_proj"]]}[scored]
+    assert got.pop("scored_by_an_interrupted_run") == list(want["heldout_ppl"])[:scored]
+    again = got.pop("pruned_again_after_resume", None)
+    assert again == ({"label": "self_attn.v_proj", "identical_weights": True} if scored == 3 else None)
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model).values(), _weights(whole).values()))
+    assert len(list(progress.glob("best-*.safetensors"))) == 1  # the winner's weights are kept again
+    if scored == 3:
+        _resume_with_another_digest(tmp_path, saved, want, ids, heldout, config)
+
+
+def _resume_with_another_digest(tmp_path, saved, want, ids, heldout, config):
+    """Re-pruned weights that differ from the recorded digest (another machine's rounding) are scored
+    again: the choice stands while they beat the other candidates, and is an error once they do not."""
+    v = "self_attn.v_proj"
+    for n, scores in enumerate([saved["scores"], {**saved["scores"], "self_attn.q_proj": want["heldout_ppl"][v]}]):
+        progress = tmp_path / f"moved{n}"
+        progress.mkdir()
+        (progress / "progress.json").write_text(json.dumps({**saved, "weights_sha256": "0" * 64, "scores": scores}))
+        model = build_tiny_model("llama-gqa")
+        if n == 0:
+            _, got = choose_on_heldout(model, ids, heldout, config, progress_dir=progress, identity="a")
+            before = got.pop("pruned_again_after_resume")
+            assert before == {"label": v, "identical_weights": False, "heldout_score_before": saved["scores"][v]}
+            got.pop("scored_by_an_interrupted_run")
+            assert got == want  # scored again: the same perplexity on this machine
+        else:
+            with pytest.raises(UserError, match=r"pruned again scores .* no longer below \{'self_attn.q_proj'"):
+                choose_on_heldout(model, ids, heldout, config, progress_dir=progress, identity="a")
+
+
 def test_prune_report_round_trips_through_its_dict():
     from d2prune.report import PruneReport
 
