@@ -13,7 +13,7 @@ scores so far, the best one's report and its pruned weights (``best-*.safetensor
 candidates already scored. At the full protocol one candidate is a whole prune of ~30 min here.
 ``progress.json`` alone (the weights file lost, e.g. a search moved to another machine) still resumes:
 if the winner is a candidate it scored, that candidate is pruned again. Pruning is deterministic, but
-float arithmetic may round differently in another process or on another machine: weights that differ from the digest the
+float arithmetic may round differently on another machine: weights that differ from the digest the
 record keeps are scored again, and the choice stands only if they still beat every other candidate.
 """
 
@@ -93,7 +93,7 @@ def choose_on_heldout(
         kept = {k: w.detach().to("cpu", copy=True) for k, w in weights.items()}
         repruned = {"label": label, "identical_weights": weights_sha256(kept) == best[4]}
         if not repruned["identical_weights"]:
-            # Another process or machine can round differently: score these weights, and keep
+            # Another machine can round differently: score these weights, and keep
             # the choice only if they still beat every other candidate.
             repruned["heldout_score_before"] = best[0]
             scores[label] = _score(model, heldout, config)
