@@ -257,6 +257,33 @@ def test_every_architecture_loads_as_from_pretrained_would(tmp_path, arch, tied,
         assert quick[0] is not None  # the common case takes the quick build
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_gpt2_conv1d_weights_round_trip(tmp_path, pattern):
+    """GPT-2 stores its linears transposed (Conv1D, (in, out)): the sparse folder still loads bit for
+    bit and is smaller. Its N:M groups run down the stored columns, so they take the bitmask layout
+    (for 2:4 as small as the nm layout: one bit per weight either way)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import d2prune
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(torch.bfloat16).eval()
+    target = {"pattern": pattern} if ":" in pattern else {"sparsity": 0.5}
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    d2prune.prune(model, ids, d2prune.PruneConfig(method="magnitude", progress=False, **target))
+    save_pruned(model, None, tmp_path / "dense", _record(pattern))
+    save_pruned(model, None, tmp_path / "sparse", _record(pattern), save_format="sparse")
+    entries = json.loads((tmp_path / "sparse" / "model.sparse.json").read_text())["tensors"]
+    conv = {k: e["layout"] for k, e in entries.items() if k.endswith(("c_attn.weight", "c_fc.weight"))}
+    assert len(conv) == 4 and set(conv.values()) == {"bitmask"}
+    loaded = sparse_load.load_pretrained(tmp_path / "sparse")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype="auto")
+    assert _state_bits_equal(loaded, dense) and _state_bits_equal(loaded, model)
+    assert sparse.folder_bytes(tmp_path / "sparse") < 0.8 * sparse.folder_bytes(tmp_path / "dense")
+
+
 def test_the_sparse_save_writes_no_dense_shard_first(tmp_path, monkeypatch):
     # Each shard is encoded as save_pretrained hands it over; converting dense files is only a fallback.
     def no_conversion(*args, **kwargs):

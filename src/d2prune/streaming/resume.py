@@ -21,7 +21,7 @@ import torch
 from d2prune.engine.activations import Activations
 from d2prune.errors import UserError
 from d2prune.io.sparse import SPARSE_INDEX
-from d2prune.report import LinearReport, PruneReport
+from d2prune.report import PruneReport
 from d2prune.streaming.checkpoint import INDEX_FILE
 
 PROGRESS_FILE = "progress.json"
@@ -82,6 +82,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
+# The report's fields that the layers pruned before an interruption filled in; the rest (config,
+# nsamples, ...) the continued run sets itself.
+_RESUMED_REPORT_FIELDS = ("linears", "zeros", "weights", "layer_sparsities", "outlier_ratios", "timings")
+
+
 def progress_record(
     fingerprint: dict,
     next_layer: int,
@@ -105,12 +110,9 @@ def progress_record(
         "torch_threads": torch.get_num_threads(),
         "ranks": ranks,
         "report": {
-            "linears": [lin.to_dict() for lin in report.linears],
-            "zeros": report.zeros,
-            "weights": report.weights,
-            "layer_sparsities": report.layer_sparsities,
-            "outlier_ratios": report.outlier_ratios,
-            "timings": report.timings,
+            k: v
+            for k, v in {**report.to_dict(), "zeros": report.zeros, "weights": report.weights}.items()
+            if k in _RESUMED_REPORT_FIELDS
         },
     }
 
@@ -148,12 +150,10 @@ def check_resumable(progress: dict, fingerprint: dict, work: Path, ranks: int) -
 
 def restore_report(report: PruneReport, progress: dict) -> int:
     """Put the interrupted run's entries into ``report``; returns the first layer still to prune."""
-    saved = progress["report"]
-    report.linears = [LinearReport(**d) for d in saved["linears"]]
-    report.zeros, report.weights = saved["zeros"], saved["weights"]
-    report.layer_sparsities = saved["layer_sparsities"]
-    report.outlier_ratios = saved["outlier_ratios"]
-    report.timings = dict(saved["timings"])
+    saved = PruneReport.from_dict({**progress["report"], "config": report.config})
+    for name in _RESUMED_REPORT_FIELDS:
+        setattr(report, name, getattr(saved, name))
+    report.timings = dict(report.timings)
     report.resumed_at_layer = progress["next_layer"]
     report.activations = progress["activations"]
     return progress["next_layer"]
