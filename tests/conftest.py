@@ -182,6 +182,17 @@ def build_tiny_model(key: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def tiny_gpt2(seed: int = 0, vocab: int = VOCAB, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A seeded, eval-mode tiny random GPT-2 (its linears are transformers' transposed ``Conv1D``)."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=2
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
+
+
 def make_calibration_ids(windows: int = 6, tokens: int = 16, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     """Seeded random token ids (windows × tokens), int64."""
     g = torch.Generator().manual_seed(seed)

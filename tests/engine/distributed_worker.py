@@ -28,7 +28,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import d2prune  # noqa: E402
-from conftest import build_tiny_model, make_calibration_ids  # noqa: E402
+from conftest import build_tiny_model, make_calibration_ids, tiny_gpt2  # noqa: E402
 from d2prune.engine import distributed  # noqa: E402
 from d2prune.engine.architecture import find_decoder_stack, find_linears  # noqa: E402
 from d2prune.methods.base import LinearPruner, MethodConfig  # noqa: E402
@@ -64,22 +64,12 @@ CASES: dict[str, dict] = {
 }
 
 
-def _tiny_gpt2() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=2
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
 def prune_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Prune a fresh tiny model with case ``name``; its decoder linear weights and report summary."""
     options = dict(CASES[name])
     if callable(options["method"]):
         options["method"] = options["method"]()
-    model = _tiny_gpt2() if options.pop("model", None) == "gpt2" else build_tiny_model("llama-gqa", seed=0)
+    model = tiny_gpt2() if options.pop("model", None) == "gpt2" else build_tiny_model("llama-gqa", seed=0)
     report = d2prune.prune(model, make_calibration_ids(WINDOWS, TOKENS), d2prune.PruneConfig(progress=False, **options))
     stack = find_decoder_stack(model)
     weights = {

@@ -15,7 +15,7 @@ import torch.nn as nn
 import transformers
 import transformers.pytorch_utils
 
-from conftest import DATA, QUICK_CLI, TINY, make_calibration_ids, needs_assets
+from conftest import DATA, QUICK_CLI, TINY, make_calibration_ids, needs_assets, tiny_gpt2
 from d2prune import api
 from d2prune.config import PruneConfig
 from d2prune.engine.architecture import (
@@ -48,14 +48,6 @@ METHODS = [
     ("ria", {"permute": True}),
     ("dsnot", {}),
 ]
-
-
-def tiny_gpt2(seed: int = 0, vocab: int = VOCAB, dtype: torch.dtype = torch.float32) -> transformers.GPT2LMHeadModel:
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=2
-    )
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
 
 
 def conv1d_as_linear(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ARCH_KEYS, build_tiny_model
+from conftest import ARCH_KEYS, build_tiny_model, make_calibration_ids, tiny_gpt2
 from d2prune.errors import UserError
 from d2prune.io import sparse, sparse_load
 from d2prune.io.models import save_pruned
@@ -262,16 +262,13 @@ def test_gpt2_conv1d_weights_round_trip(tmp_path, pattern):
     """GPT-2 stores its linears transposed (Conv1D, (in, out)): the sparse folder still loads bit for
     bit and is smaller. Its N:M groups run down the stored columns, so they take the bitmask layout
     (for 2:4 as small as the nm layout: one bit per weight either way)."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
     import d2prune
 
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).to(torch.bfloat16).eval()
+    model = tiny_gpt2(dtype=torch.bfloat16)
     target = {"pattern": pattern} if ":" in pattern else {"sparsity": 0.5}
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    ids = make_calibration_ids(windows=4, tokens=16)
     d2prune.prune(model, ids, d2prune.PruneConfig(method="magnitude", progress=False, **target))
     save_pruned(model, None, tmp_path / "dense", _record(pattern))
     save_pruned(model, None, tmp_path / "sparse", _record(pattern), save_format="sparse")

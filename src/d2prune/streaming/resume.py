@@ -153,7 +153,7 @@ def restore_report(report: PruneReport, progress: dict) -> int:
     saved = PruneReport.from_dict({**progress["report"], "config": report.config})
     for name in _RESUMED_REPORT_FIELDS:
         setattr(report, name, getattr(saved, name))
-    report.timings = dict(report.timings)
+    report.timings = dict(report.timings)  # the run adds to it: not the progress record's own dict
     report.resumed_at_layer = progress["next_layer"]
     report.activations = progress["activations"]
     return progress["next_layer"]
