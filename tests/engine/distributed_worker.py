@@ -199,7 +199,7 @@ def main(out: Path, scenario: str) -> None:
         (out / f"streamed.rank{world.rank}.json").write_text(json.dumps(streamed(out, world.rank)))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
-    distributed.shutdown()
+    distributed.shutdown(wait_for_peers=scenario != "hang")  # the hang scenario leaves its ranks out of step
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    joined = False
+    joined = returned = False
     try:
         joined = common.join_ranks(args)
-        return run(args)
+        code = run(args)
+        returned = True
+        return code
     except UserError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)
         return 2
@@ -65,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if joined:
-            distributed.shutdown()
+            distributed.shutdown(wait_for_peers=returned)
