@@ -448,3 +448,66 @@ def test_zero_shot_from_cli_on_shared_task_data(tmp_path, cache):
     assert zs["boolq"]["metric"] == "acc" and zs["arc_easy"]["metric"] == "acc_norm"
     assert zs["boolq"]["n"] == 3 and 0 <= zs["arc_easy"]["value"] <= 1
     assert zs["mean"] == pytest.approx((zs["boolq"]["value"] + zs["arc_easy"]["value"]) / 2)
+
+
+class _Left(Exception):
+    """Stands for ``distributed.exit_after_failure`` ending the process."""
+
+
+@pytest.mark.parametrize(
+    "raised, code",
+    [(None, 0), ("peer", 1), ("user", 2), ("bug", 1), ("interrupt", 130)],
+)
+def test_a_rank_of_several_waits_for_its_peers_only_after_a_normal_return(monkeypatch, capsys, raised, code):
+    """Under torchrun the CLI meets its peers before leaving when the command returned; after a
+    failure it leaves at once (a failed peer may still hold its connections) with the usual code."""
+    import importlib
+
+    from d2prune import UserError
+    from d2prune.cli import common
+    from d2prune.engine import distributed
+
+    cli_main = importlib.import_module("d2prune.cli.main")
+    errors = {
+        "peer": distributed.PeerError("rank 1 did not answer"),
+        "user": UserError("no such model"),
+        "bug": RuntimeError("a bug"),
+        "interrupt": KeyboardInterrupt(),
+    }
+    seen = []
+
+    def run(args):
+        if raised:
+            raise errors[raised]
+        return 0
+
+    def exit_after_failure(c):
+        seen.append(("exit", c))
+        raise _Left
+
+    monkeypatch.setattr(common, "join_ranks", lambda args: True)
+    monkeypatch.setattr(cli_main, "run", run)
+    monkeypatch.setattr(distributed, "shutdown", lambda wait_for_peers=False: seen.append(("shutdown", wait_for_peers)))
+    monkeypatch.setattr(distributed, "exit_after_failure", exit_after_failure)
+    if raised is None:
+        assert main(["prune", "some-model"]) == 0
+        assert seen == [("shutdown", True)]
+        return
+    with pytest.raises(_Left):
+        main(["prune", "some-model"])
+    assert seen == [("exit", code)]
+    err = capsys.readouterr().err
+    assert ("Traceback" in err and "RuntimeError: a bug" in err) if raised == "bug" else "Traceback" not in err
+
+
+def test_a_bug_in_one_process_still_raises(monkeypatch):
+    import importlib
+
+    cli_main = importlib.import_module("d2prune.cli.main")
+
+    def run(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli_main, "run", run)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["prune", "some-model"])

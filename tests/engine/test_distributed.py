@@ -606,3 +606,13 @@ def test_one_process_commands_refuse_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["finetune", "some-model", "--output-dir", "x"]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_exit_after_failure_flushes_output_and_exits_with_the_code():
+    code = (
+        "import sys; from d2prune.engine import distributed; "
+        "print('out', end=''); print('err', end='', file=sys.stderr); distributed.exit_after_failure(3)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes buffered, as usual
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")

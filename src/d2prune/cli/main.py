@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
+from dataclasses import dataclass
 
 from d2prune.cli import attention, common, finetune, pack, prune, sweep, unpack
 from d2prune.cli import eval as eval_command
@@ -41,14 +43,34 @@ def run(args: argparse.Namespace) -> int:
     return COMMANDS[args.command].run(args)
 
 
+@dataclass
+class _Ranks:
+    """Whether this process joined other ranks (torchrun), and whether its command returned."""
+
+    joined: bool = False
+    returned: bool = False
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    joined = returned = False
+    ranks = _Ranks()
+    code = _run_reporting_errors(args, ranks)
+    if ranks.joined:
+        if not ranks.returned:
+            # A failed peer may still hold its connections: leave without a teardown that could abort.
+            distributed.exit_after_failure(code)
+        distributed.shutdown(wait_for_peers=True)
+    return code
+
+
+def _run_reporting_errors(args: argparse.Namespace, ranks: _Ranks) -> int:
+    """Run the command; a user's mistake, a failed peer or Ctrl-C becomes a message and an exit code.
+    Fills in ``ranks``."""
     try:
-        joined = common.join_ranks(args)
+        ranks.joined = common.join_ranks(args)
         code = run(args)
-        returned = True
+        ranks.returned = True
         return code
     except UserError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)
@@ -65,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 130
-    finally:
-        if joined:
-            distributed.shutdown(wait_for_peers=returned)
+    except Exception:
+        if not ranks.joined:
+            raise
+        traceback.print_exc()  # a bug on one of several ranks: shown as Python shows it, then exit 1
+        return 1
