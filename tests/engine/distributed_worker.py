@@ -201,7 +201,7 @@ def main(out: Path, scenario: str) -> None:
         raise SystemExit(f"unknown scenario {scenario!r}")
     if scenario == "hang":  # rank 0 leaves as the CLI does after a failed peer (0: its record is the result)
         distributed.exit_after_failure(0)
-    distributed.shutdown(wait_for_peers=True)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

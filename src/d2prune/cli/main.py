@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ranks.returned:
             # A failed peer may still hold its connections: leave without a teardown that could abort.
             distributed.exit_after_failure(code)
-        distributed.shutdown(wait_for_peers=True)
+        distributed.shutdown()
     return code
 
 

@@ -22,7 +22,7 @@ so an exception on one rank is raised on every rank (a ``UserError`` as the same
 rank that dies or hangs is caught by the process-group timeout (or a closed connection): the others
 raise ``PeerError``. With NCCL, tensor collectives are watched by NCCL's own watchdog, which aborts
 the process after the timeout; flags and objects always go through a gloo group.
-A rank leaves with ``shutdown(wait_for_peers=True)`` after a normal return, and with
+A rank leaves with ``shutdown`` (after waiting for the others) after a normal return, and with
 ``exit_after_failure`` (no teardown) after a failure.
 
 With one process (no ``WORLD_SIZE`` > 1, no process group) nothing here touches torch.distributed.
@@ -347,25 +347,23 @@ def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> tuple[
     return current(), str(dev)
 
 
-def shutdown(wait_for_peers: bool = False) -> None:
-    """Leave the process group; a no-op on one process.
+def shutdown() -> None:
+    """Leave the process group after a normal return; a no-op on one process.
 
-    With ``wait_for_peers`` every rank first waits for the others (at most the group's timeout), so
-    that no rank tears down its connections while a peer still uses them: two gloo ranks that left
-    unsynchronised aborted at exit ("terminate called without an active exception") in about 1 run
-    in 15 here, after every output was written. Pass it only where every rank ends the same way (a
-    normal return): after a failure a peer may be gone or inside another collective."""
+    Every rank first waits for the others (at most the group's timeout), so that no rank tears down
+    its connections while a peer still uses them: two gloo ranks that left unsynchronised aborted at
+    exit ("terminate called without an active exception") in about 1 run in 15 here, after every
+    output was written. After a failure a peer may be gone or hang: leave with ``exit_after_failure``."""
     global _current
     try:
         import torch.distributed as dist
     except ImportError:
         _current = None
         return
-    if wait_for_peers:
-        try:
-            current().barrier("the run")
-        except (PeerError, RuntimeError):
-            pass  # leaving anyway: the outputs are written and the peer will report its own failure
+    try:
+        current().barrier("the run")
+    except RuntimeError:  # a PeerError too
+        pass  # leaving anyway: the outputs are written and the peer reports its own failure
     _current = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
